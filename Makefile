@@ -1,0 +1,32 @@
+# Two commands: `make run` (set up, execute every notebook on the CPU config) and
+# `make test` (set up, unit tests + nbval). Set-up is skipped when nothing changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+CONFIG ?= configs/cpu.yaml
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+# torch is installed by exact pin first: an open range would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m clt_lite notebooks --config $(CONFIG) --figures ../figures
+	@echo "executed notebooks: runs/$(notdir $(basename $(CONFIG)))/  figures: figures/"
+
+test: setup
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout 1800
+
+clean:
+	rm -rf runs

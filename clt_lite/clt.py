@@ -1,0 +1,461 @@
+"""The cross-layer transcoder (CLT): encode every layer's input, decode each target from all earlier sources.
+
+Semantics (DESIGN.md §3). Layer l reads x_l (resid_mid by default, normalised by a per-layer
+scalar). Its latents a_l write to the MLP outputs of layers l .. min(l+C-1, L-1), its own layer
+included. The reconstruction of target t is the *sum* over sources s <= t < s+C of
+W_dec[s->t]^T a_s, plus b_dec[t], plus an optional linear skip from x_t. A per-layer transcoder
+(PLT) is the same model with C = 1.
+
+Decoders are stored one parameter per source, W_dec[s] of shape [n, n_targets(s), d]: with C full
+this is circuit-tracer's W_dec_l [n, L-l, d], so export is a rename plus scale folding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "clt.safetensors"
+ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
+INPUT_SITES = ("resid_mid", "mlp_in")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# circuit-tracer / TransformerLens hook names of our sites.
+INPUT_HOOKS = {"resid_mid": "hook_resid_mid", "mlp_in": "ln2.hook_normalized"}
+OUTPUT_HOOK = "hook_mlp_out"
+
+
+@dataclass
+class CLTConfig:
+    """Shape and behaviour of a CrossLayerTranscoder (option names follow EleutherAI's sparsify)."""
+
+    n_layers: int  # L: decoder layers; every layer is both a source (input) and a target (MLP output)
+    d_model: int  # d: width of the input and target sites
+    n_latents: int = 0  # latents per layer; 0 means expansion_factor * d_model (see num_latents)
+    expansion_factor: int = 8  # latents per layer as a multiple of d_model, used when n_latents == 0
+    k: int = 32  # active latents per token per layer (TopK exact, BatchTopK on average, JumpReLU initial L0)
+    cross_layer: int = 0  # C: a layer-s latent writes to targets s..s+C-1; 0 or n_layers means all later layers
+    activation: str = "topk"  # "topk", "batchtopk" (top B*k per layer over the batch) or "jumprelu"
+    jumprelu_bandwidth: float = 0.05  # JumpReLU: width of the straight-through kernel for the threshold gradient
+    skip_connection: bool = False  # add a learned linear map from input t to target t (W_skip[t], zero init)
+    post_encoder_scale: bool = False  # multiply each latent's activation by a per-latent scale (init 1)
+    train_post_encoder: bool = True  # whether that post-encoder scale is trained (frozen at 1 when False)
+    input_site: str = "resid_mid"  # metadata: "resid_mid" (paper, circuit-tracer) or "mlp_in" (after the norm)
+    dtype: str = "float32"  # parameter dtype: "float32", "bfloat16" or "float16"
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 1 or self.d_model < 1:
+            raise ValueError(f"n_layers and d_model must be >= 1, got {self.n_layers} and {self.d_model}")
+        if self.n_latents < 0 or (self.n_latents == 0 and self.expansion_factor < 1):
+            raise ValueError(f"set n_latents >= 1 or expansion_factor >= 1 (got {self.n_latents}, {self.expansion_factor})")
+        if not 1 <= self.k <= self.num_latents:
+            raise ValueError(f"k={self.k} must be between 1 and the latents per layer ({self.num_latents}); lower k")
+        if not 0 <= self.cross_layer <= self.n_layers:
+            raise ValueError(
+                f"cross_layer={self.cross_layer} must be in 0..{self.n_layers} (0 or n_layers = full, 1 = per-layer)"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} unknown; use one of {', '.join(ACTIVATIONS)}")
+        if self.input_site not in INPUT_SITES:
+            raise ValueError(f"input_site {self.input_site!r} unknown; use one of {', '.join(INPUT_SITES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} unknown; use one of {', '.join(DTYPES)}")
+        if self.jumprelu_bandwidth <= 0:
+            raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
+
+    @property
+    def num_latents(self) -> int:
+        """Latents per layer, n, with n_latents = 0 resolved through expansion_factor."""
+        return self.n_latents or self.expansion_factor * self.d_model
+
+    @property
+    def span(self) -> int:
+        """C resolved: how many targets (own layer included) a latent writes to at most."""
+        return self.n_layers if self.cross_layer == 0 else self.cross_layer
+
+    def n_targets(self, source: int) -> int:
+        """Targets written by the latents of `source`: layers source .. source + n_targets - 1."""
+        return min(self.span, self.n_layers - source)
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of decoder matrices (source -> target pairs); L(L+1)/2 when full, L for a PLT."""
+        return sum(self.n_targets(s) for s in range(self.n_layers))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CLTConfig":
+        """Build from a dict (e.g. a saved config.json), rejecting unknown keys with one line."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown CLTConfig fields {sorted(unknown)}; the file was written by another version")
+        return cls(**values)
+
+
+class Encoding(NamedTuple):
+    """Sparse latent activations: the kept latents of each token and layer, padded with zeros."""
+
+    values: Tensor  # [B, L, k'] activations (0 in padding slots)
+    indices: Tensor  # [B, L, k'] latent ids
+    pre_acts: Tensor  # [B, L, n] encoder pre-activations (for the dead-latent loss and diagnostics)
+
+
+class CLTOutput(NamedTuple):
+    """Result of CrossLayerTranscoder.forward, all in normalised units."""
+
+    reconstruction: Tensor  # [B, L, d] predicted MLP outputs
+    values: Tensor  # [B, L, k'] kept latent activations
+    indices: Tensor  # [B, L, k'] kept latent ids
+    pre_acts: Tensor  # [B, L, n] encoder pre-activations
+    l0: Tensor  # [L] mean active latents per token, per layer
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * 1[pre > threshold] with a straight-through threshold gradient.
+
+    The step function has zero gradient almost everywhere, so the threshold's gradient uses the
+    rectangle-kernel estimate of Rajamanoharan et al. (2024): d/dθ ≈ -(θ/ε) · 1[|pre - θ| < ε/2].
+    """
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        grad_threshold = (-(threshold / eps) * near * grad).sum(0)
+        return grad_pre, grad_threshold.to(threshold.dtype), None
+
+
+def _batch_topk(acts: Tensor, k: int) -> Tensor:
+    """Keep, per layer, the B*k largest activations over the whole batch; zero the rest."""
+    batch, n_layers, n = acts.shape
+    per_layer = acts.transpose(0, 1).reshape(n_layers, batch * n)
+    kth = per_layer.topk(min(batch * k, batch * n), dim=-1).values[:, -1]
+    return acts * (acts >= kth[None, :, None])
+
+
+def _compact(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense [B, L, n] activations -> (values, indices) padded to the largest active count in the batch."""
+    width = int((dense > 0).sum(-1).max().clamp(min=1))
+    return dense.topk(width, dim=-1, sorted=False)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary sibling, then rename it over `path`: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, Tensor]:
+    """load_file with a one-line ValueError naming the file when it is missing or corrupt."""
+    if not path.is_file():
+        raise ValueError(f"{path} not found; expected a folder written by CrossLayerTranscoder.save or the trainer")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors raises its own error type for corrupt headers and truncation
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a readable safetensors file ({reason}); re-save or re-export it") from err
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A CLT over all L layers (a PLT when cross_layer = 1). Computes in normalised units.
+
+    Parameters: W_enc [L, n, d], b_enc [L, n], W_dec[s] [n, n_targets(s), d], b_dec [L, d], and when
+    enabled W_skip [L, d, d] (x_t @ W_skip[t]), log_threshold [L, n] (JumpReLU), post_enc_scale [L, n].
+    Buffers input_scale and target_scale [L] map raw activations to normalised ones (normalised = raw * scale).
+    """
+
+    def __init__(self, config: CLTConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        L, d, n = config.n_layers, config.d_model, config.num_latents
+        kw = dict(device=device, dtype=config.torch_dtype)
+        # Paper initialisation (Ameisen et al. 2025): the encoder at ±1/sqrt(d) gives pre-activations of
+        # order 1 on inputs with mean squared norm d; decoders small but non-zero at ±1/sqrt(L*d). Zero
+        # decoders would give the encoder no gradient on the first TopK step, and a zero-init decoder
+        # with JumpReLU makes the tanh penalty blind to which latents matter.
+        self.W_enc = nn.Parameter(torch.empty(L, n, d, **kw).uniform_(-(d**-0.5), d**-0.5))
+        self.b_enc = nn.Parameter(torch.zeros(L, n, **kw))
+        dec_bound = (L * d) ** -0.5
+        self.W_dec = nn.ParameterList(
+            nn.Parameter(torch.empty(n, config.n_targets(s), d, **kw).uniform_(-dec_bound, dec_bound)) for s in range(L)
+        )
+        self.b_dec = nn.Parameter(torch.zeros(L, d, **kw))
+        if config.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(L, d, d, **kw))
+        if config.activation == "jumprelu":
+            # Placeholder; initialize_from_batch sets it so that about k latents fire per token.
+            self.log_threshold = nn.Parameter(torch.full((L, n), math.log(0.1), **kw))
+        if config.post_encoder_scale:
+            self.post_enc_scale = nn.Parameter(torch.ones(L, n, **kw), requires_grad=config.train_post_encoder)
+        self.register_buffer("input_scale", torch.ones(L, device=device, dtype=torch.float32))
+        self.register_buffer("target_scale", torch.ones(L, device=device, dtype=torch.float32))
+
+    # ----------------------------------------------------------------------------------- encode
+    def encode(self, x: Tensor) -> Encoding:
+        """x [B, L, d] (normalised) -> the kept latents per token and layer."""
+        cfg = self.config
+        pre = torch.einsum("bld,lnd->bln", x, self.W_enc) + self.b_enc
+        if cfg.activation == "topk":
+            values, indices = pre.relu().topk(cfg.k, dim=-1, sorted=False)
+        elif cfg.activation == "batchtopk":
+            values, indices = _compact(_batch_topk(pre.relu(), cfg.k))
+        else:
+            threshold = self.log_threshold.exp()
+            values, indices = _compact(_JumpReLU.apply(pre, threshold, cfg.jumprelu_bandwidth))
+        if cfg.post_encoder_scale:
+            values = values * self.post_enc_scale.expand(x.shape[0], -1, -1).gather(-1, indices)
+        return Encoding(values, indices, pre)
+
+    # ----------------------------------------------------------------------------------- decode
+    def latent_sum(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Sum of decoder contributions of the given latents per target, [B, L, d], sparse (no bias, no skip).
+
+        Per source s, embedding_bag gathers only the k' active rows of W_dec[s] viewed as
+        [n, n_targets*d] and sums them weighted by the activations: O(k d) per pair instead of O(n d).
+        """
+        batch = values.shape[0]
+        out = torch.zeros(batch, self.config.n_layers, self.config.d_model, device=values.device, dtype=self.b_dec.dtype)
+        for s, W in enumerate(self.W_dec):
+            n, n_targets, d = W.shape
+            part = F.embedding_bag(
+                indices[:, s], W.reshape(n, n_targets * d), per_sample_weights=values[:, s].to(W.dtype), mode="sum"
+            )
+            out[:, s : s + n_targets] += part.view(batch, n_targets, d)
+        return out
+
+    def latent_sum_dense(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Readable reference for latent_sum: scatter to dense [B, n] activations and contract with W_dec."""
+        batch = values.shape[0]
+        out = torch.zeros(batch, self.config.n_layers, self.config.d_model, device=values.device, dtype=self.b_dec.dtype)
+        for s, W in enumerate(self.W_dec):
+            acts = torch.zeros(batch, W.shape[0], device=values.device, dtype=W.dtype)
+            acts = acts.scatter_add(1, indices[:, s], values[:, s].to(W.dtype))
+            out[:, s : s + W.shape[1]] += torch.einsum("bn,ntd->btd", acts, W)
+        return out
+
+    def decode(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
+        """Reconstruct all targets [B, L, d] from sparse latents (x is needed with skip_connection)."""
+        return self._add_bias_and_skip(self.latent_sum(values, indices), x)
+
+    def decode_dense(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
+        """Same as decode through dense activations: slower, kept as the reference the tests compare to."""
+        return self._add_bias_and_skip(self.latent_sum_dense(values, indices), x)
+
+    def _add_bias_and_skip(self, out: Tensor, x: Tensor | None) -> Tensor:
+        out = out + self.b_dec
+        if self.config.skip_connection:
+            if x is None:
+                raise ValueError("this CLT has a skip connection: pass the inputs x to decode")
+            out = out + torch.einsum("bld,lde->ble", x.to(self.W_skip.dtype), self.W_skip)
+        return out
+
+    def forward(self, x: Tensor) -> CLTOutput:
+        """x [B, L, d] normalised inputs -> reconstruction of every target plus the sparse code."""
+        enc = self.encode(x)
+        recon = self.decode(enc.values, enc.indices, x)
+        l0 = (enc.values > 0).sum(-1).float().mean(0)
+        return CLTOutput(recon, enc.values, enc.indices, enc.pre_acts, l0)
+
+    @torch.no_grad()
+    def reconstruct_raw(self, raw_inputs: Tensor) -> Tensor:
+        """Raw input-site activations [B, L, d] -> raw-scale MLP-output predictions [B, L, d]."""
+        x = raw_inputs.to(self.b_dec.dtype) * self.input_scale.to(self.b_dec.dtype)[:, None]
+        return self(x).reconstruction / self.target_scale.to(self.b_dec.dtype)[:, None]
+
+    # ------------------------------------------------------------------------- training helpers
+    def decoder_norms(self) -> Tensor:
+        """[L, n] norm of each latent's decoder vectors concatenated over all the targets it writes."""
+        return torch.stack([W.flatten(1).norm(dim=1) for W in self.W_dec])
+
+    def sparsity_penalty(self, values: Tensor, indices: Tensor, c: float) -> Tensor:
+        """Per-token tanh sparsity penalty [B]: sum over layers and latents of tanh(c * a * ||W_dec||).
+
+        The paper's JumpReLU CLT penalty (Ameisen et al. 2025): weighting by the decoder norm stops the
+        model from shrinking activations while growing decoders; tanh saturates so large activations
+        are not pushed to zero (unlike L1).
+        """
+        norms = self.decoder_norms().expand(values.shape[0], -1, -1).gather(-1, indices)
+        return torch.tanh(c * values * norms).sum((1, 2))
+
+    @torch.no_grad()
+    def initialize_from_batch(self, inputs: Tensor, targets: Tensor) -> None:
+        """Data-dependent init from one normalised batch [B, L, d] of inputs and targets.
+
+        b_dec[t] = mean target (the reconstruction starts at the mean, FVU ≈ 1 rather than ≫ 1);
+        b_enc centres the pre-activations on the batch mean input so TopK selects by direction of
+        deviation, not by the shared mean; JumpReLU thresholds are set so about k latents fire per token.
+        """
+        self.b_dec.copy_(targets.mean(0))
+        mean_x = inputs.mean(0).to(self.W_enc.dtype)
+        self.b_enc.copy_(-torch.einsum("lnd,ld->ln", self.W_enc, mean_x))
+        if self.config.activation == "jumprelu":
+            pre = torch.einsum("bld,lnd->bln", inputs.to(self.W_enc.dtype), self.W_enc) + self.b_enc
+            per_layer = pre.transpose(0, 1).reshape(self.config.n_layers, -1)
+            kth = per_layer.topk(min(inputs.shape[0] * self.config.k, per_layer.shape[1]), dim=-1).values[:, -1]
+            self.log_threshold.copy_(kth.clamp(min=1e-3).log()[:, None].expand_as(self.log_threshold))
+
+    def set_scales(self, input_scale: Tensor, target_scale: Tensor) -> None:
+        """Store the per-layer normalisation scalars (normalised = raw * scale) used by reconstruct_raw and export."""
+        L = self.config.n_layers
+        if input_scale.shape != (L,) or target_scale.shape != (L,):
+            raise ValueError(f"scales must have shape [{L}], got {tuple(input_scale.shape)} and {tuple(target_scale.shape)}")
+        self.input_scale.copy_(input_scale)
+        self.target_scale.copy_(target_scale)
+
+    # --------------------------------------------------------------------------- save / load
+    def save(self, path: str | os.PathLike) -> None:
+        """Write config.json and clt.safetensors (scales included) into folder `path`, each atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self.config), indent=2)))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "CrossLayerTranscoder":
+        """Read a folder written by save(); one-line ValueError for missing, corrupt or mismatched files."""
+        path = Path(path)
+        config_path = path / CONFIG_FILE
+        if not config_path.is_file():
+            raise ValueError(f"{config_path} not found; expected a folder written by CrossLayerTranscoder.save")
+        try:
+            config = CLTConfig.from_dict(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{config_path} is not a valid CLT config ({err}); re-save the model") from err
+        tensors = _read_safetensors(path / WEIGHTS_FILE, map_location)
+        with torch.device("meta"):
+            model = cls(config)
+        _load_checked(model, tensors, path / WEIGHTS_FILE)
+        return model
+
+    # ------------------------------------------------------------------------------- export
+    @torch.no_grad()
+    def export_circuit_tracer(self, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write circuit-tracer's CLT layout with the scales folded in, so the files act on raw activations.
+
+        Per layer l: W_enc_{l}.safetensors (W_enc_l [n, d], b_enc_l [n], b_dec_l [d], threshold_l [n] for
+        JumpReLU, W_skip_l [d, d] with a skip) and W_dec_{l}.safetensors (W_dec_l [n, L-l, d]; targets past
+        l+C-1 are zero so partial cross_layer still loads there). Folding: W_enc' = W_enc * s_in[l],
+        W_dec'[s->t] = W_dec[s->t] * post_scale[s] / s_out[t], b_dec'[t] = b_dec[t] / s_out[t],
+        W_skip'[t] = W_skip[t] * s_in[t] / s_out[t]. circuit-tracer itself reads JumpReLU/ReLU CLTs; the
+        activation and k are recorded under `clt_lite` in config.yaml for load_circuit_tracer.
+        """
+        cfg = self.config
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        dtype = dtype or cfg.torch_dtype
+        s_in, s_out = self.input_scale.float(), self.target_scale.float()
+        L, n, d = cfg.n_layers, cfg.num_latents, cfg.d_model
+        for s in range(L):
+            enc = {
+                f"W_enc_{s}": self.W_enc[s].float() * s_in[s],
+                f"b_enc_{s}": self.b_enc[s].float(),
+                f"b_dec_{s}": self.b_dec[s].float() / s_out[s],
+            }
+            if cfg.activation == "jumprelu":
+                enc[f"threshold_{s}"] = self.log_threshold[s].float().exp()
+            if cfg.skip_connection:
+                enc[f"W_skip_{s}"] = self.W_skip[s].float() * s_in[s] / s_out[s]
+            W = self.W_dec[s].float()
+            if cfg.post_encoder_scale:
+                W = W * self.post_enc_scale[s].float()[:, None, None]
+            padded = torch.zeros(n, L - s, d, device=W.device)
+            padded[:, : W.shape[1]] = W / s_out[s : s + W.shape[1], None]
+            _save_cpu(out / f"W_enc_{s}.safetensors", enc, dtype)
+            _save_cpu(out / f"W_dec_{s}.safetensors", {f"W_dec_{s}": padded}, dtype)
+        meta = asdict(replace(cfg, post_encoder_scale=False, dtype=str(dtype).removeprefix("torch.")))
+        config = {
+            "model_kind": "cross_layer_transcoder",
+            "feature_input_hook": INPUT_HOOKS[cfg.input_site],
+            "feature_output_hook": OUTPUT_HOOK,
+            "clt_lite": meta,
+        }
+        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+
+
+def _save_cpu(path: Path, tensors: dict[str, Tensor], dtype: torch.dtype) -> None:
+    cpu = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp)))
+
+
+def _load_checked(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
+    """Check names and shapes against what the config implies (one line on mismatch), then load in place."""
+    own = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{source} does not match its config: missing {missing}, unexpected {extra}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)} but the config implies {shape}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, assign=True)
+
+
+def load_circuit_tracer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CrossLayerTranscoder:
+    """Read circuit-tracer's CLT layout back into a CrossLayerTranscoder acting on raw activations (scales = 1).
+
+    Folders written by export_circuit_tracer carry their config under `clt_lite`; other JumpReLU CLTs
+    in the same layout are read as full cross-layer JumpReLU models.
+    """
+    path = Path(path)
+    config_path = path / "config.yaml"
+    if not config_path.is_file():
+        raise ValueError(f"{config_path} not found; expected a folder in circuit-tracer's CLT layout")
+    meta = (yaml.safe_load(config_path.read_text()) or {}).get("clt_lite")
+    enc0 = _read_safetensors(path / "W_enc_0.safetensors", map_location)
+    if meta is None:
+        if "threshold_0" not in enc0:
+            raise ValueError(f"{path} has no clt_lite metadata and no thresholds; only JumpReLU CLTs can be read without it")
+        n, d = enc0["W_enc_0"].shape
+        n_layers = len(list(path.glob("W_enc_*.safetensors")))
+        meta = dict(n_layers=n_layers, d_model=d, n_latents=n, k=min(32, n), activation="jumprelu")
+    config = CLTConfig.from_dict(meta)
+    with torch.device("meta"):
+        model = CrossLayerTranscoder(config)
+    # file tensor name -> our state_dict name, for the tensors this config needs
+    names = {"W_enc": "W_enc", "b_enc": "b_enc", "b_dec": "b_dec"}
+    if config.activation == "jumprelu":
+        names["threshold"] = "log_threshold"
+    if config.skip_connection:
+        names["W_skip"] = "W_skip"
+    per_layer: dict[str, list[Tensor]] = {name: [] for name in names}
+    state: dict[str, Tensor] = {"input_scale": torch.ones(config.n_layers), "target_scale": torch.ones(config.n_layers)}
+    for s in range(config.n_layers):
+        enc_path = path / f"W_enc_{s}.safetensors"
+        enc = enc0 if s == 0 else _read_safetensors(enc_path, map_location)
+        dec_path = path / f"W_dec_{s}.safetensors"
+        dec = _read_safetensors(dec_path, map_location)
+        for name, found in [(f"{n}_{s}", enc) for n in names] + [(f"W_dec_{s}", dec)]:
+            if name not in found:
+                raise ValueError(f"{enc_path if found is enc else dec_path} has no tensor {name}; re-export the CLT")
+        for name in names:
+            per_layer[name].append(enc[f"{name}_{s}"])
+        state[f"W_dec.{s}"] = dec[f"W_dec_{s}"][:, : config.n_targets(s)]
+    for name, ours in names.items():
+        state[ours] = torch.stack(per_layer[name])
+    if "log_threshold" in state:
+        state["log_threshold"] = state["log_threshold"].float().log()
+    _load_checked(model, state, path)
+    return model.to(map_location)

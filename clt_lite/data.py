@@ -1,0 +1,357 @@
+"""ShapesWorld, JSONL datasets and LLaVA-1.5 chat formatting.
+
+ShapesWorld is a synthetic visual world where we know the answer *and where it is*:
+every sample records which grid cell (and so which image patches) holds the object its
+question is about. That ground truth is what later lets us check attribution graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {  # name -> RGB; far apart so light jitter never confuses them
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+}
+NUMBERS = ("zero", "one", "two", "three")
+POSITIONS = (  # cell index (row-major on a 3x3 grid) -> name used in questions
+    "top left", "top middle", "top right",
+    "middle left", "center", "middle right",
+    "bottom left", "bottom middle", "bottom right",
+)
+FAMILIES = ("colour", "shape", "count", "exists", "describe")
+SPLITS = ("train", "val", "test")
+MAX_IMAGE_PIXELS = 40_000_000  # refuse larger images: they are almost surely a mistake
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Geometry of ShapesWorld images."""
+
+    image_size: int = 48  # pixels per side
+    grid: int = 3  # cells per side
+    patch_size: int = 8  # vision-tower patch size, to map cells to patch indices
+    max_objects: int = 3  # 1..max_objects shapes per image
+    noise: float = 6.0  # std of per-pixel Gaussian noise (0-255 scale)
+
+    @property
+    def cell_size(self) -> int:
+        return self.image_size // self.grid
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    def cell_patches(self, cell: int) -> list[int]:
+        """Row-major indices of the vision patches that cover a grid cell."""
+        row, col = divmod(cell, self.grid)
+        per_cell = self.cell_size // self.patch_size
+        side = self.patches_per_side
+        return [
+            (row * per_cell + i) * side + col * per_cell + j
+            for i in range(per_cell)
+            for j in range(per_cell)
+        ]
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # one of SHAPES
+    colour: str  # one of COLOURS
+    cell: int  # row-major grid cell
+
+
+@dataclass
+class Sample:
+    """One image + question + answer, with the ground truth of where the answer lives."""
+
+    image: Image.Image
+    question: str
+    answer: str
+    family: str
+    target_cells: list[int] = field(default_factory=list)  # cells holding the object(s) asked about
+    shapes: list[Shape] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> str:
+        return chat_prompt(self.question)
+
+
+def chat_prompt(question: str) -> str:
+    """LLaVA-1.5's single-turn chat format; the model's answer follows 'ASSISTANT:'."""
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def draw_scene(shapes: list[Shape], rng: random.Random, world: WorldConfig) -> Image.Image:
+    """Render shapes on a light noisy background, each jittered inside its cell."""
+    size, cell = world.image_size, world.cell_size
+    background = tuple(rng.randint(225, 250) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    for shape in shapes:
+        row, col = divmod(shape.cell, world.grid)
+        radius = rng.uniform(0.32, 0.42) * cell
+        cx = col * cell + cell / 2 + rng.uniform(-1.5, 1.5)
+        cy = row * cell + cell / 2 + rng.uniform(-1.5, 1.5)
+        fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[shape.colour])
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        if shape.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape.kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
+    if world.noise > 0:
+        pixels = np.asarray(image, dtype=np.float32)
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, world.noise, pixels.shape[:2])
+        image = Image.fromarray(np.clip(pixels + noise[..., None], 0, 255).astype(np.uint8))
+    return image
+
+
+def _question(shapes: list[Shape], family: str, rng: random.Random) -> tuple[str, str, list[int]]:
+    """Pick a well-posed question of the family: (question, answer, target cells)."""
+    by_kind = {k: [s for s in shapes if s.kind == k] for k in SHAPES}
+    if family == "colour":
+        unique = [s for s in shapes if len(by_kind[s.kind]) == 1]
+        if not unique:
+            raise ValueError("no shape appears exactly once")
+        s = rng.choice(unique)
+        return f"What color is the {s.kind}?", s.colour, [s.cell]
+    if family == "shape":
+        s = rng.choice(shapes)
+        return f"What shape is in the {POSITIONS[s.cell]}?", s.kind, [s.cell]
+    if family == "describe":
+        s = rng.choice(shapes)
+        return f"Describe the object in the {POSITIONS[s.cell]}.", f"{s.colour} {s.kind}", [s.cell]
+    if family == "count":
+        return "How many shapes are there?", NUMBERS[len(shapes)], [s.cell for s in shapes]
+    if family == "exists":
+        if rng.random() < 0.5:
+            s = rng.choice(shapes)
+            return f"Is there a {s.colour} {s.kind}?", "yes", [s.cell]
+        # Hard negative: colour and shape both present, never together. With uniformly
+        # random negatives, "colour present and shape present" alone scores about 95%.
+        colour, kind = rng.choice(_binding_negatives(shapes))
+        cells = [s.cell for s in shapes if s.colour == colour or s.kind == kind]
+        return f"Is there a {colour} {kind}?", "no", cells
+    raise ValueError(f"unknown question family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def _binding_negatives(shapes: list[Shape]) -> list[tuple[str, str]]:
+    """(colour, shape) pairs whose colour and shape are both present, but never together."""
+    present = {(s.colour, s.kind) for s in shapes}
+    return sorted((s.colour, t.kind) for s in shapes for t in shapes if (s.colour, t.kind) not in present)
+
+
+def _well_posed(shapes: list[Shape], family: str) -> bool:
+    if family == "colour":  # the asked-about shape must be unique
+        return any(sum(t.kind == s.kind for t in shapes) == 1 for s in shapes)
+    if family == "exists":  # scenes where only colour-shape binding can answer a 'no'
+        return bool(_binding_negatives(shapes))
+    return True
+
+
+def make_sample(rng: random.Random, world: WorldConfig = WorldConfig(), family: str | None = None) -> Sample:
+    """Draw a random scene and a question about it (family random unless given)."""
+    family = family or rng.choice(FAMILIES)
+    while True:
+        n = rng.randint(1, world.max_objects)
+        cells = rng.sample(range(world.grid * world.grid), n)
+        shapes = [Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), c) for c in cells]
+        if _well_posed(shapes, family):
+            break
+    question, answer, target = _question(shapes, family, rng)
+    return Sample(draw_scene(shapes, rng, world), question, answer, family, target, shapes)
+
+
+def shapes_world(
+    n: int, split: str = "train", seed: int = 0, world: WorldConfig = WorldConfig(), family: str | None = None
+) -> list[Sample]:
+    """n deterministic samples; splits draw from disjoint seed streams."""
+    return list(iter_shapes_world(n, split, seed, world, family))
+
+
+def iter_shapes_world(
+    n: int | None, split: str = "train", seed: int = 0, world: WorldConfig = WorldConfig(), family: str | None = None
+) -> Iterator[Sample]:
+    """Like shapes_world but lazy; n=None streams forever (fresh samples for training)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    i = 0
+    while n is None or i < n:
+        # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs.
+        yield make_sample(random.Random(f"shapesworld:{split}:{seed}:{i}"), world, family)
+        i += 1
+
+
+# ---------------------------------------------------------------- user data (JSONL)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB; grayscale/RGBA/palette are converted, broken files refused."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image {path} does not exist; check the path in your dataset")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"image {path} is {image.width}x{image.height}, over {MAX_IMAGE_PIXELS:,} pixels; "
+                    "downscale it first (LLaVA sees 336x336 anyway)"
+                )
+            image.load()
+            if image.mode == "RGBA":  # composite on white so transparent areas don't turn black
+                background = Image.new("RGB", image.size, (255, 255, 255))
+                background.paste(image, mask=image.getchannel("A"))
+                return background
+            return image.convert("RGB")
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"image {path} is corrupt or not an image ({error}); replace or remove it") from None
+
+
+def load_jsonl(path: str | Path) -> list[Sample]:
+    """Read {"image": path, "prompt": text, "answer": text} lines (image paths relative to the file).
+
+    "prompt" is the question; it is wrapped in the chat format unless it already contains
+    the <image> token. Errors name the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    samples = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({error.msg})") from None
+        missing = [key for key in ("image", "prompt", "answer") if key not in record]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; each line needs image, prompt, answer")
+        try:
+            image = load_image(path.parent / record["image"])
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"{path}:{lineno}: {error}") from None
+        samples.append(Sample(image, record["prompt"], str(record["answer"]), record.get("family", "jsonl")))
+    if not samples:
+        raise ValueError(f"dataset {path} has no samples")
+    return samples
+
+
+def sample_prompt(sample: Sample) -> str:
+    """The chat prompt of a sample (user prompts that already hold <image> are kept as is)."""
+    return sample.question if "<image>" in sample.question else chat_prompt(sample.question)
+
+
+def bundled_photos() -> dict[str, Path]:
+    """Real photos that installed packages ship (no download): name -> path."""
+    photos = {}
+    try:
+        import matplotlib.cbook as cbook
+
+        photos["grace_hopper"] = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    except Exception:  # matplotlib without sample data: just report fewer photos
+        pass
+    for module, names in (("sklearn.datasets", ("china.jpg", "flower.jpg")), ("skimage", ("astronaut.png", "chelsea.png", "coffee.png"))):
+        try:
+            package = __import__(module, fromlist=["__file__"])
+        except ImportError:
+            continue
+        for found in Path(package.__file__).parent.rglob("*"):
+            if found.name in names:
+                photos[found.stem] = found
+    return {name: path for name, path in sorted(photos.items()) if path.exists()}
+
+
+def parse_data_spec(spec: str, split: str = "train", seed: int = 0) -> list[Sample]:
+    """'shapes:N' or 'jsonl:PATH' as used on the command line."""
+    kind, _, value = spec.partition(":")
+    if kind == "shapes" and value.isdigit() and int(value) > 0:
+        return shapes_world(int(value), split, seed)
+    if kind == "jsonl" and value:
+        return load_jsonl(value)
+    raise ValueError(f"bad data spec {spec!r}; use shapes:N (N > 0) or jsonl:PATH")
+
+
+def vocabulary() -> list[str]:
+    """Every word ShapesWorld prompts and answers use (for the toy's word-level tokenizer)."""
+    words = {"USER", "ASSISTANT", ":", "?", ".", "What", "color", "is", "the", "shape", "in",
+             "Describe", "object", "How", "many", "shapes", "are", "there", "Is", "a"}
+    words |= set(SHAPES) | set(COLOURS) | set(NUMBERS) | {"yes", "no"}
+    for name in POSITIONS:
+        words |= set(name.split())
+    return sorted(words)
+
+
+
+# ---------------------------------------------------------------- batches for the model
+
+
+@dataclass
+class EncodedBatch:
+    """Token ids, pixels and position masks for one batch (right-padded)."""
+
+    input_ids: "torch.Tensor"  # [batch, seq] token ids, image token repeated once per patch
+    attention_mask: "torch.Tensor"  # [batch, seq] 1 for real tokens, 0 for padding
+    pixel_values: "torch.Tensor | None"  # [batch, 3, H, W] normalised pixels
+    answer_mask: "torch.Tensor"  # [batch, seq] bool: answer tokens incl. EOS (empty without answers)
+
+    def model_inputs(self, model) -> dict:
+        """Keyword arguments for model(...), on the model's device and dtype."""
+        parameter = next(model.parameters())
+        inputs = {"input_ids": self.input_ids.to(parameter.device), "attention_mask": self.attention_mask.to(parameter.device)}
+        if self.pixel_values is not None:
+            inputs["pixel_values"] = self.pixel_values.to(parameter.device, parameter.dtype)
+        return inputs
+
+
+def check_image_tokens(prompts: list[str], images: list | None) -> None:
+    """Refuse prompt/image mismatches before the model gives a cryptic shape error."""
+    for i, prompt in enumerate(prompts):
+        count = prompt.count("<image>")
+        has_image = images is not None and images[i] is not None
+        if has_image and count != 1:
+            raise ValueError(f"prompt {i} has {count} <image> tokens but one image was given; put exactly one <image> in it, e.g. 'USER: <image>\\nWhat is this? ASSISTANT:'")
+        if not has_image and count:
+            raise ValueError(f"prompt {i} contains <image> but no image was given; pass an image or remove the token")
+
+
+def encode_batch(processor, samples: list[Sample], with_answers: bool = False, max_length: int | None = None) -> EncodedBatch:
+    """Tokenise prompts (plus ' answer</s>' when with_answers) and preprocess images.
+
+    max_length: the model's context; default the tokenizer's model_max_length.
+    """
+    import torch
+
+    prompts = [sample_prompt(s) for s in samples]
+    images = [s.image for s in samples]
+    check_image_tokens(prompts, images)
+    encoded = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    tokenizer = processor.tokenizer
+    rows, answer_rows = [], []
+    for ids, mask, sample in zip(encoded["input_ids"], encoded["attention_mask"], samples):
+        prompt_ids = ids[mask.bool()].tolist()
+        answer_ids = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if with_answers else []
+        rows.append(prompt_ids + answer_ids)
+        answer_rows.append([False] * len(prompt_ids) + [True] * len(answer_ids))
+    width = max(map(len, rows))
+    limit = max_length or tokenizer.model_max_length
+    if width > limit:
+        raise ValueError(f"a prompt is {width} tokens, longer than the model's context of {limit}; shorten it")
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    answer_mask = torch.tensor([a + [False] * (width - len(a)) for a in answer_rows])
+    return EncodedBatch(input_ids, attention, encoded.get("pixel_values"), answer_mask)

@@ -1,0 +1,162 @@
+"""Load LLaVA models: a local folder, a hub id, the shipped toy, or `random:<preset>`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when present, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOY_NAME = "tiny-llava-shapes"
+RANDOM_PRESETS = ("llava-1.5-7b", "tiny")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LoadedModel(NamedTuple):
+    """A model ready for hooking, with what is needed to feed it."""
+
+    model: torch.nn.Module  # LlavaForConditionalGeneration in eval mode
+    processor: object  # LlavaProcessor (tokenizer + image processor)
+    name: str  # what was asked for: a folder, hub id, toy name or random:<preset>
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+
+def random_config(preset: str):
+    """Config of a named architecture, for random-weight dry runs (no download)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if preset == "llava-1.5-7b":  # llava-hf/llava-1.5-7b-hf's config.json
+        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                  image_size=336, patch_size=14, projection_dim=768)
+        image_seq = 576
+    elif preset == "tiny":
+        text = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=48, patch_size=8, projection_dim=32)
+        image_seq = 36
+    else:
+        raise ValueError(f"unknown random preset {preset!r}; choose from {', '.join(RANDOM_PRESETS)}")
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=4, image_seq_length=image_seq,
+                       projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2)
+
+
+def random_processor(config):
+    """The toy's word-level tokenizer with an image processor sized for `config`.
+
+    The real SentencePiece vocabulary cannot be downloaded here; token ids of a random
+    model mean nothing anyway. Shapes (image tokens, sequence lengths) are the real ones.
+    """
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    from .data import WorldConfig
+    from .toy import build_processor
+
+    vision = config.vision_config
+    processor = build_processor(WorldConfig(image_size=vision.image_size, patch_size=vision.patch_size))
+    processor.image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": vision.image_size}, crop_size={"height": vision.image_size, "width": vision.image_size})
+    return processor
+
+
+def load(name: str = TOY_NAME, device: str = "auto", dtype: str | torch.dtype = "auto", seed: int = 0) -> LoadedModel:
+    """Load model + processor from the toy name, a local folder, a hub id or random:<preset>."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    hf_logging.disable_progress_bar()  # its bars would land in notebook outputs
+    if name.startswith("random:"):
+        config = random_config(name.removeprefix("random:"))
+        torch.manual_seed(seed)
+        with torch.device(torch_device):
+            model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype)
+        processor = random_processor(config)
+    else:
+        source = _resolve_source(name)
+        try:  # a local copy first: offline, the hub client would retry for minutes
+            processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
+        except OSError:
+            if not _hub_reachable():
+                raise OSError(
+                    f"cannot load {name!r}: no local copy and the model hub is unreachable; download it where there is "
+                    f"internet (`hf download {name} --local-dir DIR`) and pass --model DIR"
+                ) from None
+            processor = AutoProcessor.from_pretrained(source)
+            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+        model = model.to(torch_device)
+    return LoadedModel(model.eval(), processor, name)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a connection to the model hub (honours HF_HUB_OFFLINE and HF_ENDPOINT)?"""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _resolve_source(name: str) -> str:
+    """A folder path for local models; hub ids pass through unchanged."""
+    from pathlib import Path
+
+    from .toy import ASSET_DIR
+
+    if name == TOY_NAME:
+        if not (ASSET_DIR / "config.json").exists():
+            raise FileNotFoundError(f"the toy model is missing from {ASSET_DIR}; rebuild it with `python -m clt_lite toy train --out {ASSET_DIR}`")
+        return str(ASSET_DIR)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: point --model at a folder saved by save_pretrained")
+        return str(path)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_like_path:
+        raise FileNotFoundError(f"model folder {name!r} does not exist; give an existing folder, a hub id (org/name), {TOY_NAME} or random:<preset>")
+    return name

@@ -1,0 +1,70 @@
+"""Run the course notebooks with papermill, in order, with a config's parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+
+
+class NotebookRun(NamedTuple):
+    notebook: str  # file name, e.g. 01_hooking_llava.ipynb
+    output: Path  # the executed copy
+    seconds: float  # wall time
+
+
+def load_config(path: str | Path) -> dict:
+    """A papermill parameter set (YAML mapping of parameter -> value)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config {path} does not exist; see configs/ for the shipped ones")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"config {path} must be a mapping of parameter: value")
+    return config
+
+
+def notebook_paths(only: list[str] | None = None) -> list[Path]:
+    """Course notebooks in order; `only` keeps those whose number prefix is listed (e.g. ['01'])."""
+    paths = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        paths = [p for p in paths if p.name[:2] in only]
+        if not paths:
+            raise ValueError(f"no notebook numbered {', '.join(only)} in {NOTEBOOK_DIR}")
+    return paths
+
+
+def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure_dir: str | None = None,
+                  out_dir: str | Path | None = None) -> list[NotebookRun]:
+    """Execute notebooks in order; stop at the first failure, naming notebook and cell.
+
+    Executed copies go to runs/<config name>/; figure_dir (relative to notebooks/) is
+    passed as a parameter so `make run` can write the committed figures/.
+    """
+    import time
+
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    parameters = load_config(config_path)
+    run_name = Path(config_path).stem
+    parameters.setdefault("run_dir", f"../runs/{run_name}")
+    if figure_dir is not None:
+        parameters["figure_dir"] = figure_dir
+    out_dir = Path(out_dir or ROOT / "runs" / run_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for path in notebook_paths(only):
+        start = time.time()
+        output = out_dir / path.name
+        try:
+            papermill.execute_notebook(str(path), str(output), parameters=parameters, cwd=str(NOTEBOOK_DIR),
+                                       kernel_name="python3", progress_bar=False)
+        except PapermillExecutionError as error:
+            raise RuntimeError(f"{path.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue} (executed copy: {output})") from None
+        runs.append(NotebookRun(path.name, output, time.time() - start))
+    return runs

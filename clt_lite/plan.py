@@ -1,0 +1,200 @@
+"""Parameter, memory, FLOP and disk arithmetic for a CLT config, before anyone runs out of memory.
+
+Pure arithmetic on a model's depth and width. Worked example (LLaVA-1.5-7B, n = 8192, C = full):
+528 decoder matrices (32·33/2), 17.72e9 decoder + 1.07e9 encoder weights ≈ 18.8e9 parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from .clt import CLTConfig
+
+BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+# optimizer name -> (states per parameter, dtype of each state)
+OPTIMIZER_STATES = {"adam": (2, "float32"), "adam-bf16": (2, "bfloat16"), "adafactor": (1, "float32"),
+                    "sgd": (0, "float32")}
+GiB = 2**30
+
+
+class ModelDims(NamedTuple):
+    """The two numbers of a language model that size a CLT."""
+
+    n_layers: int  # decoder layers (each one source and one target)
+    d_model: int  # residual width
+    name: str  # label shown in plans
+
+
+MODEL_PRESETS = {
+    "llava-1.5-7b": ModelDims(32, 4096, "llava-1.5-7b"),
+    "tiny-llava-shapes": ModelDims(16, 128, "tiny-llava-shapes"),
+}
+
+
+class DeviceSpec(NamedTuple):
+    """Peak numbers of an accelerator; bounds computed from them are upper limits, not predictions."""
+
+    name: str  # label
+    flops: float  # dense bf16 (GPU) / fp32 (CPU) FLOP/s
+    bandwidth: float  # memory bandwidth, bytes/s
+    memory: float  # device memory, bytes
+    note: str  # where the numbers come from
+
+
+DEVICE_PRESETS = {
+    "h200": DeviceSpec("h200", 989e12, 4.8e12, 141e9, "NVIDIA H200 SXM datasheet, dense bf16"),
+    "cpu-2core": DeviceSpec("cpu-2core", 1e11, 2e10, 24 * GiB, "rough guess for 2 modern x86 cores"),
+}
+
+
+def model_dims(name_or_path: str) -> ModelDims:
+    """A preset name, or a Hugging Face model folder (its config.json; LLaVA's text_config is used)."""
+    if name_or_path in MODEL_PRESETS:
+        return MODEL_PRESETS[name_or_path]
+    config_path = Path(name_or_path) / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(MODEL_PRESETS)} or a folder with config.json")
+    config = json.loads(config_path.read_text())
+    text = config.get("text_config", config)
+    if "num_hidden_layers" not in text or "hidden_size" not in text:
+        raise ValueError(f"{config_path} has no num_hidden_layers/hidden_size; is it a language or LLaVA model?")
+    return ModelDims(text["num_hidden_layers"], text["hidden_size"], Path(name_or_path).name)
+
+
+@dataclass
+class Plan:
+    """Sizes and bounds of training one CLT config on one model (all byte counts in bytes)."""
+
+    model: ModelDims  # the model the CLT reads
+    config: CLTConfig  # the CLT
+    decoder_matrices: int  # source -> target pairs, each an [n, d] matrix
+    encoder_params: int  # W_enc, b_enc (+ thresholds, post-encoder scales)
+    decoder_params: int  # W_dec, b_dec (+ W_skip)
+    total_params: int  # encoder + decoder
+    weight_bytes: int  # parameters in param_dtype
+    grad_bytes: int  # one gradient per parameter, param_dtype
+    optimizer_bytes: int  # optimizer states
+    training_bytes: int  # weights + gradients + optimizer states (activations of a batch not included)
+    batch_bytes: int  # rough activation memory of one training batch (inputs, targets, pre-activations, grads)
+    encoder_flops_per_token: int  # forward, dense: 2 L d n
+    decoder_flops_per_token_dense: int  # forward through dense activations: 2 n d pairs
+    decoder_flops_per_token_sparse: int  # forward with k active latents: 2 k d pairs
+    train_flops_per_token: int  # 3 x (encoder + sparse decoder) forward: forward plus twice for backward
+    disk_bytes_per_token: int  # input + target site of every layer in act_dtype
+    optimizer: str  # optimizer the state bytes assume
+    batch_size: int  # tokens per step used for the bounds
+    device: DeviceSpec | None  # device the bounds assume
+    compute_tokens_per_s: float | None  # peak FLOP/s / train FLOPs per token
+    bandwidth_tokens_per_s: float | None  # batch_size * bandwidth / bytes moved per step
+    max_tokens_per_s: float | None  # min of the two: an upper bound, real runs are slower
+    fits: bool | None  # training_bytes + batch_bytes <= device memory
+
+
+class TableRow(NamedTuple):
+    """One row of targets_sources_table."""
+
+    layer: int  # the layer
+    targets: list[int]  # MLP outputs written by this layer's latents
+    sources: list[int]  # layers whose latents write this layer's MLP output
+
+
+def targets_sources_table(n_layers: int, cross_layer: int) -> list[TableRow]:
+    """Per layer: the targets its latents write, and the sources whose latents write its target."""
+    if not 0 <= cross_layer <= n_layers:
+        raise ValueError(f"cross_layer={cross_layer} must be in 0..{n_layers} (0 or n_layers = full)")
+    span = cross_layer or n_layers
+    return [
+        TableRow(layer, list(range(layer, min(layer + span, n_layers))), list(range(max(0, layer - span + 1), layer + 1)))
+        for layer in range(n_layers)
+    ]
+
+
+def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", param_dtype: str = "float32",
+         device: str | DeviceSpec | None = None, batch_size: int = 4096, act_dtype: str = "bfloat16") -> Plan:
+    """Count parameters, bytes and FLOPs of `clt_config` on `dims`, and bound tokens/s on `device`.
+
+    Throughput model (an upper bound): compute bound = peak FLOP/s / (3 x forward FLOPs per token,
+    sparse decoder); bandwidth bound = tokens per step / time to move, per step, the weights four times
+    (forward read, backward read, optimizer read + write), the gradients twice (write, read) and the
+    optimizer states twice (read + write). The smaller of the two is reported.
+    """
+    if (clt_config.n_layers, clt_config.d_model) != (dims.n_layers, dims.d_model):
+        raise ValueError(f"config is {clt_config.n_layers} x {clt_config.d_model} but {dims.name} is "
+                         f"{dims.n_layers} x {dims.d_model}; build the CLTConfig from the model dims")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
+    for name in (param_dtype, act_dtype):
+        if name not in BYTES_PER_DTYPE:
+            raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(BYTES_PER_DTYPE)}")
+    if isinstance(device, str):
+        if device not in DEVICE_PRESETS:
+            raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICE_PRESETS)}")
+        device = DEVICE_PRESETS[device]
+
+    L, d, n, k = dims.n_layers, dims.d_model, clt_config.num_latents, clt_config.k
+    pairs = clt_config.n_pairs
+    per_latent = 1 + (clt_config.activation == "jumprelu") + clt_config.post_encoder_scale  # b_enc, θ, scale
+    encoder = L * n * d + L * n * per_latent
+    decoder = pairs * n * d + L * d + (L * d * d if clt_config.skip_connection else 0)
+    total = encoder + decoder
+    weight_bytes = total * BYTES_PER_DTYPE[param_dtype]
+    n_states, state_dtype = OPTIMIZER_STATES[optimizer]
+    optimizer_bytes = total * n_states * BYTES_PER_DTYPE[state_dtype]
+    training_bytes = 2 * weight_bytes + optimizer_bytes
+    # inputs, targets, reconstruction (B L d) and pre-activations with their gradient (2 B L n), fp32
+    batch_bytes = 4 * batch_size * L * (3 * d + 2 * n)
+
+    enc_flops = 2 * L * d * n
+    dec_dense, dec_sparse = 2 * n * d * pairs, 2 * k * d * pairs
+    train_flops = 3 * (enc_flops + dec_sparse)
+    compute = bandwidth = best = fits = None
+    if device is not None:
+        compute = device.flops / train_flops
+        step_bytes = 4 * weight_bytes + 2 * weight_bytes + 2 * optimizer_bytes  # grads are weight-sized
+        bandwidth = batch_size * device.bandwidth / step_bytes
+        best = min(compute, bandwidth)
+        fits = training_bytes + batch_bytes <= device.memory
+    return Plan(
+        model=dims, config=clt_config, decoder_matrices=pairs, encoder_params=encoder, decoder_params=decoder,
+        total_params=total, weight_bytes=weight_bytes, grad_bytes=weight_bytes, optimizer_bytes=optimizer_bytes,
+        training_bytes=training_bytes, batch_bytes=batch_bytes, encoder_flops_per_token=enc_flops,
+        decoder_flops_per_token_dense=dec_dense, decoder_flops_per_token_sparse=dec_sparse,
+        train_flops_per_token=train_flops, disk_bytes_per_token=2 * L * d * BYTES_PER_DTYPE[act_dtype],
+        optimizer=optimizer, batch_size=batch_size, device=device, compute_tokens_per_s=compute,
+        bandwidth_tokens_per_s=bandwidth, max_tokens_per_s=best, fits=fits,
+    )
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / GiB:,.2f} GiB ({n_bytes / 1e9:,.2f} GB)"
+
+
+def format_plan(p: Plan) -> str:
+    """A human-readable multi-line summary of a Plan."""
+    c = p.config
+    span = "full" if c.span == c.n_layers else str(c.span)
+    lines = [
+        f"CLT on {p.model.name}: {p.model.n_layers} layers x d={p.model.d_model}, n={c.num_latents} latents/layer, "
+        f"k={c.k}, cross_layer={span}, {c.activation}",
+        f"  decoder matrices     {p.decoder_matrices:,}",
+        f"  parameters           {p.total_params:,} ({p.total_params / 1e9:.2f}e9): encoder {p.encoder_params:,}, "
+        f"decoder {p.decoder_params:,}",
+        f"  weights              {_gib(p.weight_bytes)}",
+        f"  gradients            {_gib(p.grad_bytes)}",
+        f"  optimizer states     {_gib(p.optimizer_bytes)} ({p.optimizer})",
+        f"  training total       {_gib(p.training_bytes)} + batch of {p.batch_size:,} tokens {_gib(p.batch_bytes)}",
+        f"  FLOPs/token forward  encoder {p.encoder_flops_per_token:.3g}, decoder sparse "
+        f"{p.decoder_flops_per_token_sparse:.3g} (dense {p.decoder_flops_per_token_dense:.3g})",
+        f"  activations on disk  {p.disk_bytes_per_token / 2**10:,.0f} KiB/token, "
+        f"{p.disk_bytes_per_token * 1e6 / 1e12:,.3f} TB per 1M tokens",
+    ]
+    if p.device is not None:
+        lines += [
+            f"  on {p.device.name} ({p.device.note}): at most {p.max_tokens_per_s:,.0f} tokens/s "
+            f"(compute bound {p.compute_tokens_per_s:,.0f}, bandwidth bound {p.bandwidth_tokens_per_s:,.0f})",
+            f"  fits in {p.device.memory / GiB:,.0f} GiB: {'yes' if p.fits else 'NO'}",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""Build, train and evaluate the toy VLM `tiny-llava-shapes` on ShapesWorld.
+
+The toy is a real `LlavaForConditionalGeneration` (CLIP tower -> two-layer GELU projector
+-> Llama language model) at toy width, saved as an ordinary Hugging Face folder, so the
+rest of the course loads it by the same `from_pretrained` path as LLaVA-1.5-7B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data
+
+ASSET_DIR = Path(__file__).parent / "assets" / "tiny-llava-shapes"
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")  # ids 0..4, in this order
+CHAT_TEMPLATE = (  # LLaVA-1.5's "USER: <image>\n... ASSISTANT:" for single image+text turns
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass
+class ToyConfig:
+    """Architecture and training recipe of the toy (defaults = the shipped model)."""
+
+    n_layers: int = 16  # decoder layers of the language model
+    d_model: int = 128  # language-model width
+    n_heads: int = 4  # attention heads in the language model
+    d_mlp: int = 384  # language-model MLP width
+    vision_width: int = 96  # CLIP tower width
+    vision_layers: int = 3  # CLIP tower depth
+    steps: int = 6000  # optimisation steps (fresh samples each step)
+    batch_size: int = 32  # samples per step
+    lr: float = 5e-4  # peak AdamW learning rate
+    warmup: int = 200  # linear warm-up steps, then cosine decay to 10%
+    residual_init_scale: bool = True  # scale o_proj/down_proj init by 1/sqrt(2L): helps deep stacks
+    seed: int = 0  # model init and sample stream
+    eval_every: int = 500  # steps between held-out evaluations and checkpoints
+    eval_per_family: int = 100  # validation questions per family at each evaluation
+    target_accuracy: float = 0.96  # stop early once every family reaches this on validation
+
+
+def build_processor(world: data.WorldConfig = data.WorldConfig()):
+    """Word-level tokenizer (ShapesWorld vocabulary), CLIP image processor, LlavaProcessor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for word in data.vocabulary():
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=256,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": world.image_size}, crop_size={"height": world.image_size, "width": world.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=world.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(config: ToyConfig, processor, world: data.WorldConfig = data.WorldConfig()):
+    """A randomly initialised LLaVA at toy size."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.d_model, intermediate_size=config.d_mlp,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_width, intermediate_size=4 * config.vision_width, num_hidden_layers=config.vision_layers,
+        num_attention_heads=4, image_size=world.image_size, patch_size=world.patch_size,
+        projection_dim=config.vision_width,
+    )
+    llava = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=world.patches_per_side**2, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+    torch.manual_seed(config.seed)
+    model = LlavaForConditionalGeneration(llava)
+    if config.residual_init_scale:
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                layer.self_attn.o_proj.weight.mul_(1 / math.sqrt(2 * config.n_layers))
+                layer.mlp.down_proj.weight.mul_(1 / math.sqrt(2 * config.n_layers))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, processor, samples: list[data.Sample], batch_size: int = 64) -> dict[str, float]:
+    """Exact-match accuracy per question family (and 'all').
+
+    Uses one teacher-forced forward pass: a greedy answer equals the reference exactly
+    iff the argmax at every answer position (EOS included) is the reference token, so
+    this is greedy exact match without running generate().
+    """
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = data.encode_batch(processor, chunk, with_answers=True)
+        logits = model(**batch.model_inputs(model)).logits
+        # the prediction for token t sits at position t-1
+        predicted = logits[:, :-1].argmax(-1)
+        targets = batch.input_ids[:, 1:]
+        answer = batch.answer_mask[:, 1:]
+        correct = ((predicted == targets) | ~answer).all(dim=1)
+        for sample, ok in zip(chunk, correct.tolist()):
+            hits.setdefault(sample.family, []).append(ok)
+    result = {family: sum(v) / len(v) for family, v in sorted(hits.items())}
+    result["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return result
+
+
+def eval_set(n_per_family: int, split: str = "test", seed: int = 0) -> list[data.Sample]:
+    """A fixed held-out set with n questions of every family."""
+    return [s for family in data.FAMILIES for s in data.shapes_world(n_per_family, split, seed, family=family)]
+
+
+def _learning_rate(config: ToyConfig, step: int) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bool = True) -> dict:
+    """Train the toy from scratch (or resume from `out/checkpoint`), save it to `out`.
+
+    Resumable: sample i of the training stream is a pure function of (seed, i), so a
+    resumed run sees exactly the samples it would have seen.
+    Returns the final held-out accuracies and the learning curve.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from .models import resolve_device
+
+    out = Path(out)
+    device = resolve_device(device)
+    processor = build_processor()
+    model = build_model(config, processor).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    checkpoint = out / "checkpoint"
+    curve: list[dict] = []
+    step = 0
+    if (checkpoint / "model.safetensors").exists():
+        state = json.loads((checkpoint / "state.json").read_text())
+        if state["config"] != asdict(config):
+            raise ValueError(f"{checkpoint} was made with another ToyConfig; use a new --out or delete it")
+        model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
+        step, curve = state["step"], state["curve"]
+    validation = eval_set(config.eval_per_family, "val", config.seed)
+    stream = data.iter_shapes_world(None, "train", config.seed)
+    for _ in range(step * config.batch_size):  # skip what was already trained on
+        next(stream)
+    bar = tqdm(total=config.steps, initial=step, desc="toy", disable=not progress)
+    start_time = time.time()
+    while step < config.steps:
+        model.train()
+        batch = data.encode_batch(processor, [next(stream) for _ in range(config.batch_size)], with_answers=True)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        logits = model(**batch.model_inputs(model)).logits[:, :-1]
+        labels = batch.input_ids[:, 1:].masked_fill(~batch.answer_mask[:, 1:], -100).to(device)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % config.eval_every == 0 or step == config.steps:
+            accuracy = evaluate(model, processor, validation)
+            curve.append({"step": step, "loss": round(loss.item(), 4), "minutes": round((time.time() - start_time) / 60, 2), **accuracy})
+            bar.write(json.dumps(curve[-1]))
+            _save_checkpoint(model, optimizer, checkpoint, {"step": step, "config": asdict(config), "curve": curve}, save_file)
+            if min(v for k, v in accuracy.items() if k != "all") >= config.target_accuracy:
+                break
+    bar.close()
+    save_toy(model, processor, out, config, curve)
+    return {"steps": step, "curve": curve}
+
+
+def _save_checkpoint(model, optimizer, folder: Path, state: dict, save_file) -> None:
+    """Write the checkpoint files under temporary names, then rename (a kill leaves the old one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, folder / "model.safetensors.tmp")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
+    (folder / "state.json.tmp").write_text(json.dumps(state))
+    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+        os.replace(folder / f"{name}.tmp", folder / name)
+
+
+def save_toy(model, processor, out: str | Path, config: ToyConfig, curve: list[dict]) -> None:
+    """Save in float16 (what ships), with the training record next to it."""
+    out = Path(out)
+    model.to("cpu", torch.float16).save_pretrained(out)
+    model.to(torch.float32)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps({"config": asdict(config), "curve": curve}, indent=1))

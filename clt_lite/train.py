@@ -1,0 +1,418 @@
+"""Train a CrossLayerTranscoder from any activation source: progress, checkpoints, exact resume, NaN guard.
+
+The trainer reads an *activation source* (duck-typed, see ActivationSource): the on-disk store and the
+streaming source both provide it. Loss = mean over targets of FVU_t, optionally plus an AuxK loss that
+revives dead latents and, for JumpReLU, the paper's tanh sparsity penalty.
+
+Data parallel: under torchrun (WORLD_SIZE > 1) every rank reads the same global batch stream and keeps
+its own rows. Each rank's loss is its local share of the *global* loss (local squared error divided by
+the global target variance), and gradients are summed across ranks, so a run on W processes computes the
+same update as one process with the same global batch, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterator, NamedTuple, Protocol
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .clt import CLTConfig, CrossLayerTranscoder, _read_safetensors, atomic_write
+
+
+class ActivationBatch(NamedTuple):
+    """One batch of tokens from an activation source, already normalised, BOS/padding excluded, float32."""
+
+    inputs: Tensor  # [B, L, d] input-site activations (resid_mid or mlp_in) * input_scale
+    targets: Tensor  # [B, L, d] MLP outputs * target_scale
+
+
+class ActivationSource(Protocol):
+    """What train() needs from a source of activations (the store and streaming sources implement it)."""
+
+    n_layers: int
+    d_model: int
+    input_scale: Tensor  # [L] normalised = raw * scale
+    target_scale: Tensor  # [L]
+
+    def batches(self, batch_size: int, split: str = "train", seed: int = 0) -> Iterator[ActivationBatch]:
+        """Endless (repeating) for split='train', one finite pass for split='val'; same seed, same order."""
+        ...
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or Inf; the last good checkpoint is left on disk."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Fields in RESUMABLE_FIELDS may change between a run and its resume."""
+
+    tokens: int = 2**20  # total training tokens; steps = tokens // batch_size
+    batch_size: int = 1024  # tokens per optimizer step, summed over all data-parallel ranks
+    lr: float | None = None  # peak Adam lr; None -> 2e-4 / sqrt(n_latents / 2**14) (sparsify's width scaling)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam (beta1, beta2)
+    warmup_steps: int = 100  # linear lr warm-up from 0 over this many steps
+    final_lr_fraction: float = 0.0  # lr decays linearly after warm-up to this fraction of the peak at the last step
+    aux_k_coef: float = 1 / 32  # AuxK dead-latent loss weight (OpenAI's TopK SAE value); 0 disables it
+    dead_tokens: int = 1_000_000  # a latent is dead once it has not fired for this many training tokens
+    sparsity_coef: float = 1e-4  # JumpReLU only: lambda of the tanh sparsity penalty (per token)
+    sparsity_c: float = 1.0  # JumpReLU only: c inside tanh(c * activation * ||W_dec||)
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    log_every: int = 10  # steps per history entry and progress-bar update
+    val_batches: int | None = 16  # batches of the val split evaluated at the end; None = the whole split
+    seed: int = 0  # model init and batch order
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda" or "cuda:N"
+
+    def __post_init__(self) -> None:
+        if self.tokens < self.batch_size or self.batch_size < 1:
+            raise ValueError(f"need tokens >= batch_size >= 1, got tokens={self.tokens}, batch_size={self.batch_size}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be >= 1")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+
+# Settings that do not change the trained weights, so a resume may use different values.
+RESUMABLE_FIELDS = ("checkpoint_every", "log_every", "val_batches", "device")
+
+
+class ValMetrics(NamedTuple):
+    """Per-layer validation metrics."""
+
+    fvu: list[float]  # fraction of variance unexplained of each target over the whole val set
+    l0: list[float]  # mean active latents per token of each source layer
+    dead_fraction: list[float]  # fraction of each layer's latents that never fired on the val set
+
+
+class TrainResult(NamedTuple):
+    """What train() returns; `history` is the loss curve."""
+
+    fvu: list[float]  # final per-layer validation FVU
+    l0: list[float]  # final per-layer validation L0
+    dead_fraction: list[float]  # final per-layer fraction of latents dead on the val split
+    tokens_per_s: float  # training throughput over all sessions of this run (global tokens / wall seconds)
+    history: list[dict]  # one entry per log_every steps: step, tokens, loss, lr, fvu (per layer), l0 (mean)
+    steps: int  # optimizer steps done
+
+
+class _Ranks(NamedTuple):
+    """Data-parallel position of this process (rank 0 of 1 without torchrun)."""
+
+    rank: int
+    world: int
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Sum a tensor over ranks (identity on one process)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def default_lr(n_latents: int) -> float:
+    """EleutherAI sparsify's default: 2e-4 at 2**14 latents, scaled by 1/sqrt(width)."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
+    """Linear warm-up to `peak`, then linear decay to final_lr_fraction * peak at the last step."""
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    remaining = max(cfg.steps - 1 - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / remaining, 1.0)
+    return peak * (1 - (1 - cfg.final_lr_fraction) * progress)
+
+
+def _target_variance(targets: Tensor, ranks: _Ranks) -> Tensor:
+    """[L] sum over the global batch of squared deviations from the global batch mean (the FVU denominator)."""
+    t = targets.double()
+    sums = ranks.sum(t.sum(0))
+    squares = ranks.sum(t.pow(2).sum((0, 2)))
+    count = ranks.sum(torch.tensor(float(t.shape[0]), dtype=torch.float64, device=t.device))
+    return (squares - sums.pow(2).sum(-1) / count).float().clamp(min=1e-12)
+
+
+def _aux_k_loss(clt: CrossLayerTranscoder, pre_acts: Tensor, residual: Tensor, dead: Tensor, variance: Tensor) -> Tensor:
+    """AuxK (Gao et al. 2024): the top k_aux dead latents per token and layer predict the residual error.
+
+    Gives dead latents a gradient towards directions the live ones miss. Scaled down while only a few
+    latents are dead, as in sparsify.
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre_acts.new_zeros(())
+    k_aux = min(clt.config.d_model // 2, clt.config.num_latents)
+    values, indices = pre_acts.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False)
+    predicted = clt.latent_sum(values.relu(), indices)
+    scale = min(n_dead / (k_aux * clt.config.n_layers), 1.0)
+    return scale * ((predicted.float() - residual).pow(2).sum((0, 2)) / variance).mean()
+
+
+def _fired_counts(values: Tensor, indices: Tensor, n_latents: int) -> Tensor:
+    """[L, n] number of tokens in the batch on which each latent was active."""
+    L = values.shape[1]
+    flat_idx = indices.transpose(0, 1).reshape(L, -1)
+    active = (values > 0).transpose(0, 1).reshape(L, -1).float()
+    return torch.zeros(L, n_latents, device=values.device).scatter_add_(1, flat_idx, active)
+
+
+@torch.no_grad()
+def evaluate(clt: CrossLayerTranscoder, source: ActivationSource, batch_size: int, max_batches: int | None = None,
+             seed: int = 0) -> ValMetrics:
+    """Per-layer FVU, L0 and dead fraction of `clt` on the val split (FVU pooled over all val tokens)."""
+    cfg = clt.config
+    device = clt.b_dec.device
+    L, n = cfg.n_layers, cfg.num_latents
+    squared_error = torch.zeros(L, dtype=torch.float64, device=device)
+    sums = torch.zeros(L, cfg.d_model, dtype=torch.float64, device=device)
+    squares = torch.zeros(L, dtype=torch.float64, device=device)
+    active = torch.zeros(L, dtype=torch.float64, device=device)
+    fired = torch.zeros(L, n, device=device)
+    tokens = 0
+    for batch in islice(source.batches(batch_size, "val", seed), max_batches):
+        x, y = batch.inputs.to(device, clt.b_dec.dtype), batch.targets.to(device, torch.float64)
+        with _autocast(device):
+            out = clt(x)
+        squared_error += (out.reconstruction.double() - y).pow(2).sum((0, 2))
+        sums += y.sum(0)
+        squares += y.pow(2).sum((0, 2))
+        active += (out.values > 0).sum((0, 2)).double()
+        fired += _fired_counts(out.values, out.indices, n)
+        tokens += y.shape[0]
+    if tokens == 0:
+        raise ValueError("the source's val split yielded no batches; capture a val split or set val_batches")
+    variance = squares - sums.pow(2).sum(-1) / tokens
+    return ValMetrics(
+        fvu=(squared_error / variance.clamp(min=1e-12)).tolist(),
+        l0=(active / tokens).tolist(),
+        dead_fraction=(fired == 0).float().mean(1).tolist(),
+    )
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 elsewhere (CPU bf16 matmuls are slow and change results)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _setup_ranks(device_name: str) -> tuple[_Ranks, torch.device, bool]:
+    """Join the torchrun process group when WORLD_SIZE > 1; returns (ranks, device, whether we created the group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if device_name not in ("auto", "cpu", "cuda") and not device_name.startswith("cuda:"):
+        raise ValueError(f"unknown device {device_name!r}; use auto, cpu, cuda or cuda:N")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"device {device_name!r} asked for but no CUDA GPU is visible; use device='cpu'")
+    if world == 1:
+        return _Ranks(0, 1), torch.device(device_name if device_name != "auto" else ("cuda" if use_cuda else "cpu")), False
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return _Ranks(dist.get_rank(), dist.get_world_size()), device, created
+
+
+def _check_source(source: ActivationSource, clt_config: CLTConfig, train_config: TrainConfig, world: int) -> None:
+    if (source.n_layers, source.d_model) != (clt_config.n_layers, clt_config.d_model):
+        raise ValueError(
+            f"activation source has {source.n_layers} layers of width {source.d_model} but the CLT config expects "
+            f"{clt_config.n_layers} x {clt_config.d_model}; use a matching store or config"
+        )
+    if train_config.batch_size % world:
+        raise ValueError(f"batch_size {train_config.batch_size} is not divisible by the {world} data-parallel ranks")
+
+
+# --------------------------------------------------------------------------------- checkpoints
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+
+
+def _config_dicts(clt_config: CLTConfig, train_config: TrainConfig) -> dict:
+    """Both configs as JSON values (tuples become lists), so saved and current ones compare equal."""
+    return json.loads(json.dumps({"clt_config": asdict(clt_config), "train_config": asdict(train_config)}))
+
+
+def _save_checkpoint(out_dir: Path, step: int, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer,
+                     since_fired: Tensor, state: dict) -> Path:
+    """Write checkpoints/step-N in a temp folder, rename it into place, point latest.json at it, drop older ones."""
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    clt.save(tmp)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    trainer = {"since_fired": since_fired.cpu().contiguous(), "cpu_rng": torch.get_rng_state()}
+    save_file(trainer, str(tmp / "trainer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write(root / LATEST, lambda p: p.write_text(json.dumps({"step": step, "dir": final.name})))
+    for old in root.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The folder of the newest complete checkpoint in out_dir, or None."""
+    pointer = Path(out_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    return pointer.parent / json.loads(pointer.read_text())["dir"]
+
+
+def _check_resume(ckpt: Path, saved: dict, current: dict) -> None:
+    """One-line ValueError when the checkpoint was made with other settings than this call."""
+    if saved["clt_config"] != current["clt_config"]:
+        diff = sorted(k for k in current["clt_config"] if saved["clt_config"].get(k) != current["clt_config"][k])
+        raise ValueError(f"{ckpt} was trained with a different CLT config (differs in {diff}); use another out_dir")
+    keys = [k for k in current["train_config"] if k not in RESUMABLE_FIELDS]
+    diff = [k for k in keys if saved["train_config"].get(k) != current["train_config"][k]]
+    if diff:
+        raise ValueError(f"{ckpt} was trained with a different TrainConfig (differs in {diff}); use another out_dir")
+
+
+# -------------------------------------------------------------------------------------- train
+def train(clt_config: CLTConfig, train_config: TrainConfig, source: ActivationSource, out_dir: str | os.PathLike,
+          progress: bool = True) -> TrainResult:
+    """Train a CLT on `source`, resuming from out_dir's last checkpoint when there is one.
+
+    Writes checkpoints under out_dir/checkpoints and the final model to out_dir (load it with
+    CrossLayerTranscoder.load(out_dir)). Raises TrainingDiverged on a NaN/Inf loss, leaving the last
+    good checkpoint in place. A resumed run computes exactly what an uninterrupted one would (CPU).
+    """
+    ranks, device, created_group = _setup_ranks(train_config.device)
+    try:
+        _check_source(source, clt_config, train_config, ranks.world)
+        return _train(clt_config, train_config, source, Path(out_dir), progress, ranks, device)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, out_dir: Path, progress: bool,
+           ranks: _Ranks, device: torch.device) -> TrainResult:
+    configs = _config_dicts(clt_config, cfg)
+    L, n = clt_config.n_layers, clt_config.num_latents
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        torch.manual_seed(cfg.seed)
+        clt = CrossLayerTranscoder(clt_config, device=device)
+        first = next(iter(source.batches(cfg.batch_size, "train", cfg.seed)))
+        clt.initialize_from_batch(first.inputs.to(device), first.targets.to(device))
+        clt.set_scales(source.input_scale.float(), source.target_scale.float())
+        since_fired = torch.zeros(L, n, dtype=torch.long, device=device)
+        state = {**configs, "step": 0, "history": [], "window": _empty_window(L), "train_seconds": 0.0}
+    else:
+        state = json.loads((ckpt / "state.json").read_text())
+        _check_resume(ckpt, state, configs)
+        clt = CrossLayerTranscoder.load(ckpt, map_location=device)
+        if not (torch.allclose(clt.input_scale.cpu(), source.input_scale.float().cpu())
+                and torch.allclose(clt.target_scale.cpu(), source.target_scale.float().cpu())):
+            raise ValueError(f"{ckpt} was trained on a source with other normalisation scales; resume on the same store")
+        trainer = _read_safetensors(ckpt / "trainer.safetensors", "cpu")
+        since_fired = trainer["since_fired"].to(device)
+        torch.set_rng_state(trainer["cpu_rng"])
+
+    peak_lr = cfg.lr if cfg.lr is not None else default_lr(n)
+    params = [p for p in clt.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=peak_lr, betas=tuple(cfg.adam_betas))
+    if ckpt is not None:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+
+    start = state["step"]
+    batches = islice(source.batches(cfg.batch_size, "train", cfg.seed), start, None)  # skip consumed batches
+    bar = tqdm(total=cfg.steps, initial=start, desc="train CLT", unit="step", disable=not progress or ranks.rank > 0)
+    window = state["window"]  # sums over the steps since the last history entry (kept in checkpoints)
+    session_start = time.perf_counter()
+    for step in range(start, cfg.steps):
+        batch = next(batches)
+        x = batch.inputs.tensor_split(ranks.world)[ranks.rank].to(device, clt.b_dec.dtype)
+        y = batch.targets.tensor_split(ranks.world)[ranks.rank].to(device, torch.float32)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, peak_lr, cfg)
+
+        loss, fvu, out = _loss(clt, cfg, x, y, since_fired >= cfg.dead_tokens, batch.inputs.shape[0], ranks)
+        loss_value = ranks.sum(loss.detach().clone()).item()
+        if not math.isfinite(loss_value):
+            last = latest_checkpoint(out_dir)
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step}; last good checkpoint: {last}; lower lr or check the activations"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in params:
+            ranks.sum(p.grad)
+        opt.step()
+
+        fired = ranks.sum(_fired_counts(out.values.detach(), out.indices, n)) > 0
+        since_fired = torch.where(fired, 0, since_fired + batch.inputs.shape[0])
+        window["loss"] += loss_value
+        window["fvu"] = [a + b for a, b in zip(window["fvu"], ranks.sum(fvu.detach().clone()).tolist())]
+        window["l0"] += ranks.sum(out.l0.mean().detach().clone()).item() / ranks.world
+        window["steps"] += 1
+        bar.update(1)
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            steps = window["steps"]
+            state["history"].append({
+                "step": done, "tokens": done * cfg.batch_size, "loss": window["loss"] / steps,
+                "lr": lr_at(step, peak_lr, cfg), "fvu": [f / steps for f in window["fvu"]], "l0": window["l0"] / steps,
+            })
+            bar.set_postfix(loss=f"{window['loss'] / steps:.4f}")
+            window = state["window"] = _empty_window(L)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            state["step"] = done
+            state["train_seconds"] += time.perf_counter() - session_start
+            session_start = time.perf_counter()
+            if ranks.rank == 0:
+                _save_checkpoint(out_dir, done, clt, opt, since_fired, state)
+    bar.close()
+
+    if ranks.rank == 0:
+        clt.save(out_dir)
+    metrics = evaluate(clt, source, cfg.batch_size, cfg.val_batches, cfg.seed)
+    seconds = state["train_seconds"]
+    return TrainResult(
+        fvu=metrics.fvu, l0=metrics.l0, dead_fraction=metrics.dead_fraction,
+        tokens_per_s=state["step"] * cfg.batch_size / seconds if seconds > 0 else 0.0,
+        history=state["history"], steps=state["step"],
+    )
+
+
+def _empty_window(n_layers: int) -> dict:
+    return {"loss": 0.0, "fvu": [0.0] * n_layers, "l0": 0.0, "steps": 0}
+
+
+def _loss(clt: CrossLayerTranscoder, cfg: TrainConfig, x: Tensor, y: Tensor, dead: Tensor, global_tokens: int,
+          ranks: _Ranks):
+    """This rank's share of the global loss, its per-layer FVU share [L], and the forward output."""
+    with _autocast(x.device):
+        out = clt(x)
+        variance = _target_variance(y, ranks)
+        fvu = (out.reconstruction.float() - y).pow(2).sum((0, 2)) / variance
+        loss = fvu.mean()
+        if cfg.aux_k_coef > 0:
+            residual = (y - out.reconstruction.float()).detach()
+            loss = loss + cfg.aux_k_coef * _aux_k_loss(clt, out.pre_acts, residual, dead, variance)
+        if clt.config.activation == "jumprelu" and cfg.sparsity_coef > 0:
+            penalty = clt.sparsity_penalty(out.values, out.indices, cfg.sparsity_c).float().sum()
+            loss = loss + cfg.sparsity_coef * penalty / global_tokens
+    return loss, fvu, out

@@ -1,0 +1,246 @@
+"""CrossLayerTranscoder: semantics of DESIGN.md §3, sparse == dense decode, save/load, circuit-tracer export."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clt_lite.clt import CLTConfig, CrossLayerTranscoder, load_circuit_tracer
+
+torch.set_num_threads(1)
+
+L, D, N, K = 4, 8, 16, 3
+
+
+def make(seed=0, **overrides) -> CrossLayerTranscoder:
+    torch.manual_seed(seed)
+    cfg = dict(n_layers=L, d_model=D, n_latents=N, k=K)
+    cfg.update(overrides)
+    return CrossLayerTranscoder(CLTConfig(**cfg))
+
+
+def batch(b=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, L, D, generator=g) + 0.5, torch.randn(b, L, D, generator=g) - 0.3
+
+
+# ------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(k=N + 1), "k=17"),
+        (dict(cross_layer=-1), "cross_layer=-1"),
+        (dict(cross_layer=L + 1), "cross_layer=5"),
+        (dict(activation="relu"), "activation 'relu'"),
+        (dict(input_site="resid_pre"), "input_site"),
+        (dict(dtype="int8"), "dtype"),
+    ],
+)
+def test_config_rejects_bad_values_in_one_line(overrides, words):
+    with pytest.raises(ValueError) as err:
+        CLTConfig(**{**dict(n_layers=L, d_model=D, n_latents=N, k=K), **overrides})
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_resolves_width_and_span():
+    assert CLTConfig(n_layers=32, d_model=128, expansion_factor=8, k=16).num_latents == 1024
+    assert CLTConfig(n_layers=32, d_model=128, k=16).n_pairs == 32 * 33 // 2
+    assert CLTConfig(n_layers=32, d_model=128, k=16, cross_layer=32).n_pairs == 528
+    assert CLTConfig(n_layers=32, d_model=128, k=16, cross_layer=1).n_pairs == 32
+    assert CLTConfig(n_layers=4, d_model=8, k=2, cross_layer=2).n_pairs == 2 + 2 + 2 + 1
+    with pytest.raises(ValueError, match="unknown CLTConfig fields"):
+        CLTConfig.from_dict({"n_layers": 2, "d_model": 4, "colour": 1})
+
+
+# ---------------------------------------------------------------------------------- semantics
+def test_reconstruction_is_sum_over_sources_own_layer_included():
+    clt = make(cross_layer=2)
+    x, _ = batch()
+    out = clt(x)
+    acts = torch.zeros(x.shape[0], L, N).scatter(-1, out.indices, out.values)
+    for t in range(L):
+        expected = clt.b_dec[t].expand(x.shape[0], D).clone()
+        for s in (t - 1, t):  # C = 2: sources t-1 and t, the own layer included
+            if s >= 0:
+                expected += acts[:, s] @ clt.W_dec[s][:, t - s]
+        torch.testing.assert_close(out.reconstruction[:, t], expected, rtol=1e-5, atol=1e-6)
+    assert [W.shape[1] for W in clt.W_dec] == [2, 2, 2, 1]
+
+
+def test_targets_depend_only_on_sources_within_span():
+    clt = make(cross_layer=2)
+    x, _ = batch()
+    base = clt(x).reconstruction
+    for s in range(L):
+        moved = x.clone()
+        moved[:, s] += 3.0
+        changed = (clt(moved).reconstruction - base).abs().amax(dim=(0, 2)) > 1e-6
+        assert changed.tolist() == [s <= t < s + 2 for t in range(L)], s
+
+
+def test_plt_is_cross_layer_one():
+    clt = make(cross_layer=1)
+    assert [tuple(W.shape) for W in clt.W_dec] == [(N, 1, D)] * L
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
+def test_sparse_and_dense_decode_match_in_value_and_gradient(activation):
+    clt = make(activation=activation, cross_layer=3, skip_connection=True, post_encoder_scale=True)
+    x, y = batch()
+    clt.initialize_from_batch(x, y)
+    enc = clt.encode(x)
+    grads = []
+    for decode in (clt.decode, clt.decode_dense):
+        values = enc.values.detach().clone().requires_grad_(True)
+        clt.zero_grad()
+        recon = decode(values, enc.indices, x)
+        (recon * torch.linspace(-1, 1, D)).pow(2).sum().backward()
+        grads.append((recon.detach(), values.grad, [W.grad.clone() for W in clt.W_dec], clt.W_skip.grad.clone()))
+    (r1, v1, w1, s1), (r2, v2, w2, s2) = grads
+    torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(w1, w2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(w.abs().sum() > 0 for w in w1)
+
+
+def test_topk_keeps_exactly_k_largest():
+    clt = make()
+    x, _ = batch()
+    enc = clt.encode(x)
+    assert enc.values.shape == (6, L, K)
+    kth = enc.pre_acts.relu().topk(K, dim=-1).values
+    torch.testing.assert_close(enc.values.sort(-1).values, kth.sort(-1).values)
+
+
+def test_batchtopk_keeps_batch_times_k_per_layer():
+    clt = make(activation="batchtopk")
+    x, _ = batch(b=10)
+    out = clt(x)
+    assert ((out.values > 0).sum((0, 2)) == 10 * K).all()
+    per_token = (out.values > 0).sum(-1)
+    assert per_token.max() > per_token.min()  # tokens share the budget unequally
+
+
+def test_jumprelu_fires_above_threshold_and_threshold_learns():
+    clt = make(activation="jumprelu", jumprelu_bandwidth=0.5)
+    x, y = batch(b=64)
+    clt.initialize_from_batch(x, y)
+    out = clt(x)
+    assert abs(out.l0.mean().item() - K) < 1.0  # init sets the threshold for about k active per token
+    threshold = clt.log_threshold.exp()
+    assert (out.l0 * 64 == (out.pre_acts > threshold).sum((0, 2))).all()
+    kept = out.values > 0
+    assert (out.values[kept] > threshold.expand(64, -1, -1).gather(-1, out.indices)[kept]).all()
+    loss = clt.sparsity_penalty(out.values, out.indices, c=1.0).sum() + out.reconstruction.pow(2).sum()
+    loss.backward()
+    assert clt.log_threshold.grad.abs().sum() > 0
+
+
+def test_sparsity_penalty_matches_formula():
+    clt = make(activation="jumprelu")
+    x, y = batch()
+    clt.initialize_from_batch(x, y)
+    enc = clt.encode(x)
+    dense = torch.zeros(6, L, N).scatter(-1, enc.indices, enc.values)
+    norms = torch.stack([W.reshape(N, -1).norm(dim=1) for W in clt.W_dec])
+    expected = torch.tanh(2.0 * dense * norms).sum((1, 2))
+    torch.testing.assert_close(clt.sparsity_penalty(enc.values, enc.indices, c=2.0), expected)
+
+
+def test_initialize_from_batch_centres_encoder_and_sets_decoder_bias():
+    clt = make()
+    x, y = batch(b=32)
+    clt.initialize_from_batch(x, y)
+    torch.testing.assert_close(clt.b_dec.data, y.mean(0))
+    assert clt.encode(x).pre_acts.mean(0).abs().max() < 1e-5
+
+
+def test_reconstruct_raw_applies_scales():
+    clt = make()
+    clt.set_scales(torch.tensor([2.0, 1.0, 0.5, 4.0]), torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    x, _ = batch()
+    expected = clt(x * clt.input_scale[:, None]).reconstruction / clt.target_scale[:, None]
+    torch.testing.assert_close(clt.reconstruct_raw(x), expected)
+    with pytest.raises(ValueError, match=r"shape \[4\]"):
+        clt.set_scales(torch.ones(3), torch.ones(4))
+
+
+# ---------------------------------------------------------------------------------- save/load
+def test_save_load_round_trip(tmp_path):
+    clt = make(activation="jumprelu", skip_connection=True, post_encoder_scale=True, train_post_encoder=False)
+    clt.set_scales(torch.rand(L) + 0.5, torch.rand(L) + 0.5)
+    clt.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clt.safetensors", "config.json"]
+    loaded = CrossLayerTranscoder.load(tmp_path)
+    assert loaded.config == clt.config
+    assert not loaded.post_enc_scale.requires_grad and loaded.W_enc.requires_grad
+    for (name, a), b in zip(clt.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    x, _ = batch()
+    torch.testing.assert_close(loaded.reconstruct_raw(x), clt.reconstruct_raw(x))
+
+
+def test_load_errors_are_one_line_and_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="config.json not found"):
+        CrossLayerTranscoder.load(tmp_path)
+    make().save(tmp_path)
+    weights = tmp_path / "clt.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="clt.safetensors is not a readable safetensors file") as err:
+        CrossLayerTranscoder.load(tmp_path)
+    assert "\n" not in str(err.value)
+    make().save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_latents": N * 2}))
+    with pytest.raises(ValueError, match=r"W_enc has shape \(4, 16, 8\) but the config implies \(4, 32, 8\)"):
+        CrossLayerTranscoder.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "skip_connection": True}))
+    with pytest.raises(ValueError, match=r"missing \['W_skip'\]"):
+        CrossLayerTranscoder.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(cross_layer=2, skip_connection=True, post_encoder_scale=True), dict(activation="jumprelu")],
+)
+def test_circuit_tracer_export_round_trip_on_raw_activations(tmp_path, overrides):
+    clt = make(**overrides)
+    x, y = batch(b=16)
+    clt.initialize_from_batch(x, y)
+    with torch.no_grad():
+        for W in clt.W_dec:
+            W.normal_()
+        if clt.config.post_encoder_scale:
+            clt.post_enc_scale.uniform_(0.5, 2.0)
+        if clt.config.skip_connection:
+            clt.W_skip.normal_(std=0.1)
+    s_in, s_out = torch.tensor([2.0, 1.0, 0.5, 4.0]), torch.tensor([0.5, 1.0, 2.0, 3.0])
+    clt.set_scales(s_in, s_out)
+    clt.export_circuit_tracer(tmp_path)
+
+    enc1 = load_file(tmp_path / "W_enc_1.safetensors")
+    torch.testing.assert_close(enc1["W_enc_1"], clt.W_enc[1].detach() * 1.0)
+    torch.testing.assert_close(enc1["b_dec_1"], clt.b_dec[1].detach() / 1.0)
+    enc2 = load_file(tmp_path / "W_enc_2.safetensors")
+    torch.testing.assert_close(enc2["W_enc_2"], clt.W_enc[2].detach() * 0.5)
+    torch.testing.assert_close(enc2["b_dec_2"], clt.b_dec[2].detach() / 2.0)
+    assert ("threshold_0" in load_file(tmp_path / "W_enc_0.safetensors")) == (clt.config.activation == "jumprelu")
+    for s in range(L):
+        assert load_file(tmp_path / f"W_dec_{s}.safetensors")[f"W_dec_{s}"].shape == (N, L - s, D)
+    assert "feature_input_hook: hook_resid_mid" in (tmp_path / "config.yaml").read_text()
+
+    raw = x / s_in[:, None] * 1.3
+    reloaded = load_circuit_tracer(tmp_path)
+    assert reloaded.input_scale.tolist() == [1.0] * L
+    torch.testing.assert_close(reloaded.reconstruct_raw(raw), clt.reconstruct_raw(raw), rtol=1e-4, atol=1e-4)
+
+
+def test_load_circuit_tracer_reports_missing_tensor(tmp_path):
+    make().export_circuit_tracer(tmp_path)
+    (tmp_path / "W_dec_2.safetensors").unlink()
+    with pytest.raises(ValueError, match="W_dec_2.safetensors not found"):
+        load_circuit_tracer(tmp_path)

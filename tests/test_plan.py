@@ -1,0 +1,87 @@
+"""Planner arithmetic against hand-computed numbers (LLaVA-1.5-7B and the toy)."""
+
+import json
+
+import pytest
+
+from clt_lite.clt import CLTConfig
+from clt_lite.plan import DEVICE_PRESETS, format_plan, model_dims, plan, targets_sources_table
+
+LLAVA = model_dims("llava-1.5-7b")
+
+
+def llava_clt(**overrides) -> CLTConfig:
+    return CLTConfig(**{**dict(n_layers=32, d_model=4096, n_latents=8192, k=32), **overrides})
+
+
+def test_llava_full_clt_counts():
+    p = plan(LLAVA, llava_clt())
+    assert p.decoder_matrices == 528 == 32 * 33 // 2
+    assert p.encoder_params == 32 * 8192 * 4096 + 32 * 8192 == 1_074_003_968
+    assert p.decoder_params == 528 * 8192 * 4096 + 32 * 4096 == 17_716_871_168
+    assert p.total_params == 18_790_875_136  # ≈ 18.8e9, DESIGN.md §3
+    assert p.weight_bytes == p.grad_bytes == 4 * p.total_params
+    assert p.optimizer_bytes == 8 * p.total_params
+    assert p.training_bytes == 16 * p.total_params
+    assert p.encoder_flops_per_token == 2 * 32 * 4096 * 8192
+    assert p.decoder_flops_per_token_dense == 2 * 8192 * 4096 * 528
+    assert p.decoder_flops_per_token_sparse == 2 * 32 * 4096 * 528
+    assert p.train_flops_per_token == 3 * (2_147_483_648 + 138_412_032)
+    assert p.disk_bytes_per_token == 2 * 32 * 4096 * 2 == 512 * 1024
+
+
+def test_cross_layer_and_plt_matrix_counts():
+    assert plan(LLAVA, llava_clt(cross_layer=16)).decoder_matrices == 17 * 16 + sum(range(1, 16)) == 392
+    plt = plan(LLAVA, llava_clt(cross_layer=1))
+    assert plt.decoder_matrices == 32
+    assert plt.total_params == 2 * 32 * 8192 * 4096 + 32 * 8192 + 32 * 4096
+
+
+@pytest.mark.parametrize("optimizer, per_param", [("adam", 8), ("adam-bf16", 4), ("adafactor", 4)])
+def test_optimizer_state_bytes(optimizer, per_param):
+    p = plan(LLAVA, llava_clt(cross_layer=1), optimizer=optimizer, param_dtype="bfloat16")
+    assert p.weight_bytes == 2 * p.total_params
+    assert p.optimizer_bytes == per_param * p.total_params
+
+
+def test_h200_throughput_bound_is_the_min_of_compute_and_bandwidth():
+    p = plan(LLAVA, llava_clt(), device="h200", batch_size=4096)
+    assert p.compute_tokens_per_s == pytest.approx(989e12 / 6_857_687_040)
+    step_bytes = 6 * 4 * p.total_params + 2 * 8 * p.total_params
+    assert p.bandwidth_tokens_per_s == pytest.approx(4096 * 4.8e12 / step_bytes)
+    assert p.max_tokens_per_s == min(p.compute_tokens_per_s, p.bandwidth_tokens_per_s)
+    assert p.fits is False  # 300 GB of weights, grads and Adam states on a 141 GB card
+    small = plan(LLAVA, llava_clt(n_latents=4096, cross_layer=1), device=DEVICE_PRESETS["h200"])
+    assert small.fits is True
+
+
+def test_toy_preset_and_model_folder(tmp_path):
+    toy = model_dims("tiny-llava-shapes")
+    assert (toy.n_layers, toy.d_model) == (16, 128)
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 5, "hidden_size": 64}}))
+    assert model_dims(str(tmp_path))[:2] == (5, 64)
+    with pytest.raises(ValueError, match="unknown model 'gpt-9'"):
+        model_dims("gpt-9")
+    with pytest.raises(ValueError, match="config is 32 x 4096 but tiny-llava-shapes is 16 x 128"):
+        plan(toy, llava_clt())
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        plan(LLAVA, llava_clt(), optimizer="lion")
+
+
+def test_targets_sources_table():
+    rows = targets_sources_table(4, 2)
+    assert [(r.layer, r.targets, r.sources) for r in rows] == [
+        (0, [0, 1], [0]), (1, [1, 2], [0, 1]), (2, [2, 3], [1, 2]), (3, [3], [2, 3])
+    ]
+    full = targets_sources_table(32, 0)
+    assert full[0].targets == list(range(32)) and full[31].sources == list(range(32))
+    assert sum(len(r.targets) for r in full) == 528 == sum(len(r.sources) for r in full)
+    with pytest.raises(ValueError, match="cross_layer=33"):
+        targets_sources_table(32, 33)
+
+
+def test_format_plan_is_readable():
+    text = format_plan(plan(LLAVA, llava_clt(), device="h200"))
+    assert "decoder matrices     528" in text
+    assert "18,790,875,136" in text and "70.00 GiB" in text and "512 KiB/token" in text
+    assert "fits in 131 GiB: NO" in text

@@ -1,0 +1,170 @@
+"""Trainer: learns, resumes exactly, stops on NaN, rejects mismatches, and data-parallel matches one process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from clt_lite.clt import CLTConfig, CrossLayerTranscoder
+from clt_lite.train import ActivationBatch, TrainConfig, TrainingDiverged, latest_checkpoint, lr_at, train
+
+torch.set_num_threads(1)
+
+L, D = 3, 8
+
+
+class SyntheticSource:
+    """Random inputs; targets are a sparse nonlinear cross-layer function of them (a hidden true CLT)."""
+
+    def __init__(self, n_layers=L, d_model=D, val_batches=2):
+        self.n_layers, self.d_model, self.val_batches = n_layers, d_model, val_batches
+        self.input_scale = torch.full((n_layers,), 2.0)
+        self.target_scale = torch.linspace(0.5, 1.5, n_layers)
+        g = torch.Generator().manual_seed(1234)
+        self.encoders = torch.randn(n_layers, 24, d_model, generator=g)
+        self.decoders = torch.randn(n_layers, n_layers, 24, d_model, generator=g) / 3
+
+    def make_batch(self, g: torch.Generator, batch_size: int) -> ActivationBatch:
+        x = torch.randn(batch_size, self.n_layers, self.d_model, generator=g)
+        pre = torch.einsum("bld,lnd->bln", x, self.encoders)
+        acts = torch.zeros_like(pre).scatter(-1, pre.topk(2, -1).indices, pre.topk(2, -1).values.relu())
+        y = torch.stack(
+            [sum(acts[:, s] @ self.decoders[s, t] for s in range(t + 1)) for t in range(self.n_layers)], dim=1
+        )
+        return ActivationBatch(x, y + 0.5)
+
+    def batches(self, batch_size, split="train", seed=0):
+        g = torch.Generator().manual_seed(seed * 7919 + (split == "val"))
+        produced = 0
+        while split == "train" or produced < self.val_batches:
+            produced += 1
+            yield self.make_batch(g, batch_size)
+
+
+class FaultySource(SyntheticSource):
+    """Raises (a simulated kill) or yields NaN once `after` training batches have been produced."""
+
+    def __init__(self, after: int, fault: str):
+        super().__init__()
+        self.after, self.fault, self.count = after, fault, 0
+
+    def batches(self, batch_size, split="train", seed=0):
+        for batch in super().batches(batch_size, split, seed):
+            if split == "train":
+                self.count += 1
+                if self.count > self.after:
+                    if self.fault == "kill":
+                        raise KeyboardInterrupt("simulated kill")
+                    batch = ActivationBatch(batch.inputs * float("nan"), batch.targets)
+            yield batch
+
+
+CLT = CLTConfig(n_layers=L, d_model=D, n_latents=32, k=4)
+FAST = dict(batch_size=64, lr=1e-2, warmup_steps=3, log_every=2, val_batches=2, device="cpu", dead_tokens=64 * 5)
+
+
+def weights(out_dir: Path) -> dict:
+    return CrossLayerTranscoder.load(out_dir).state_dict()
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(tokens=100, batch_size=10, warmup_steps=2, final_lr_fraction=0.1)
+    assert [round(lr_at(s, 1.0, cfg), 4) for s in range(10)] == [0.5, 1.0, 1.0, 0.8714, 0.7429, 0.6143, 0.4857,
+                                                                  0.3571, 0.2286, 0.1]
+
+
+def test_training_reduces_fvu_and_reports_metrics(tmp_path):
+    source = SyntheticSource()
+    cfg = TrainConfig(tokens=64 * 150, checkpoint_every=1000, **FAST)
+    result = train(CLT, cfg, source, tmp_path, progress=False)
+    assert result.steps == 150 and len(result.fvu) == L
+    first, last = result.history[0], result.history[-1]
+    assert last["step"] == 150 and last["tokens"] == 150 * 64 and len(last["fvu"]) == L
+    assert first["loss"] > 0.9 and last["loss"] < 0.55 * first["loss"]
+    assert max(result.fvu) < 0.6
+    assert result.l0 == pytest.approx([4.0] * L, abs=0.2)
+    assert all(0.0 <= f < 1.0 for f in result.dead_fraction)
+    assert result.tokens_per_s > 0
+    clt = CrossLayerTranscoder.load(tmp_path)  # final model lands in out_dir
+    torch.testing.assert_close(clt.input_scale, source.input_scale)
+    assert latest_checkpoint(tmp_path).name == "step-00000150"
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(tokens=64 * 12, checkpoint_every=5, **FAST)
+    full = train(CLT, cfg, SyntheticSource(), tmp_path / "full", progress=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(CLT, cfg, FaultySource(after=1 + 8, fault="kill"), tmp_path / "killed", progress=False)  # 1 init batch
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000005"
+    resumed = train(CLT, cfg, SyntheticSource(), tmp_path / "killed", progress=False)
+
+    assert resumed.history == full.history
+    assert resumed.fvu == full.fvu
+    for (name, a), b in zip(weights(tmp_path / "full").items(), weights(tmp_path / "killed").values()):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = TrainConfig(tokens=64 * 12, checkpoint_every=4, **FAST)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 6; last good checkpoint: .*step-00000004"):
+        train(CLT, cfg, FaultySource(after=1 + 6, fault="nan"), tmp_path, progress=False)
+    good = CrossLayerTranscoder.load(latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(t).all() for t in good.state_dict().values())
+
+
+def test_mismatches_are_one_line_errors(tmp_path):
+    cfg = TrainConfig(tokens=64 * 2, checkpoint_every=1, **FAST)
+    with pytest.raises(ValueError, match="source has 3 layers of width 8 but the CLT config expects 3 x 16"):
+        train(CLTConfig(n_layers=L, d_model=16, n_latents=32, k=4), cfg, SyntheticSource(), tmp_path, progress=False)
+    train(CLT, cfg, SyntheticSource(), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"different CLT config \(differs in \['k'\]\)"):
+        train(CLTConfig(n_layers=L, d_model=D, n_latents=32, k=5), cfg, SyntheticSource(), tmp_path, progress=False)
+    other = TrainConfig(**{**cfg.__dict__, "lr": 1e-3})
+    with pytest.raises(ValueError, match=r"different TrainConfig \(differs in \['lr'\]\)"):
+        train(CLT, other, SyntheticSource(), tmp_path, progress=False)
+    later = TrainConfig(**{**cfg.__dict__, "log_every": 7})  # bookkeeping fields may change on resume
+    assert train(CLT, later, SyntheticSource(), tmp_path, progress=False).steps == 2
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "jumprelu"])
+def test_other_activations_train(tmp_path, activation):
+    clt_config = CLTConfig(n_layers=L, d_model=D, n_latents=32, k=4, activation=activation, cross_layer=2)
+    result = train(clt_config, TrainConfig(tokens=64 * 80, checkpoint_every=100, **FAST), SyntheticSource(), tmp_path,
+                   progress=False)
+    assert result.history[-1]["loss"] < 0.8 * result.history[0]["loss"]
+    assert max(result.fvu) < 0.9
+    if activation == "batchtopk":
+        assert result.l0 == pytest.approx([4.0] * L)  # B*k per layer over the batch: k per token on average
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+torch.set_num_threads(1)
+assert os.environ["WORLD_SIZE"] == "2"
+sys.path[:0] = [{tests!r}, {repo!r}]
+from test_train import CLT, FAST, SyntheticSource
+from clt_lite.train import TrainConfig, train
+train(CLT, TrainConfig(tokens=64 * 6, checkpoint_every=3, **FAST), SyntheticSource(), sys.argv[1], progress=False)
+"""
+
+
+def test_data_parallel_matches_single_process(tmp_path):
+    here = Path(__file__).resolve().parent
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(here), repo=str(here.parent))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    single = train(CLT, TrainConfig(tokens=64 * 6, checkpoint_every=3, **FAST), SyntheticSource(), tmp_path / "one",
+                   progress=False)
+    assert single.steps == 6
+    for (name, a), b in zip(weights(tmp_path / "one").items(), weights(tmp_path / "ddp").values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
