@@ -15,7 +15,7 @@ from pathlib import Path
 def _cmd_notebooks(args) -> dict:
     from .notebooks import run_notebooks
 
-    runs = run_notebooks(args.config, args.only, figure_dir=args.figures)
+    runs = run_notebooks(args.config, args.only, figure_dir=args.figures, in_place=args.in_place)
     for run in runs:
         print(f"{run.notebook}: {run.seconds:.0f} s -> {run.output}")
     return {"notebooks": [{"name": r.notebook, "output": str(r.output), "seconds": round(r.seconds, 1)} for r in runs]}
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--config", default="configs/cpu.yaml", help="papermill parameter set (YAML)")
     nb.add_argument("--only", nargs="+", metavar="NN", help="notebook numbers to run, e.g. 01 02")
     nb.add_argument("--figures", default=None, help="figure folder relative to notebooks/ (default: under runs/)")
+    nb.add_argument("--in-place", action="store_true", help="overwrite notebooks/ with outputs of the CPU defaults (maintainers)")
 
     toy = command("toy", "train or evaluate the shipped toy VLM", _cmd_toy)
     toy.add_argument("action", choices=["train", "eval"])

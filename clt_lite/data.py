@@ -355,3 +355,17 @@ def encode_batch(processor, samples: list[Sample], with_answers: bool = False, m
     attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     answer_mask = torch.tensor([a + [False] * (width - len(a)) for a in answer_rows])
     return EncodedBatch(input_ids, attention, encoded.get("pixel_values"), answer_mask)
+
+
+def token_summary(tokens: list[str], skip: tuple[str, ...] = ("<pad>",)) -> str:
+    """Tokens joined by spaces, runs of a repeated token shown once as 'token×n'."""
+    parts: list[str] = []
+    previous, run = None, 0
+    for token in [t for t in tokens if t not in skip] + [None]:
+        if token == previous:
+            run += 1
+            continue
+        if previous is not None:
+            parts.append(previous if run == 1 else f"{previous}×{run}")
+        previous, run = token, 1
+    return " ".join(parts)

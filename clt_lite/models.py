@@ -160,3 +160,42 @@ def _resolve_source(name: str) -> str:
     if looks_like_path:
         raise FileNotFoundError(f"model folder {name!r} does not exist; give an existing folder, a hub id (org/name), {TOY_NAME} or random:<preset>")
     return name
+
+
+@torch.no_grad()
+def generate_answers(loaded: LoadedModel, samples: list, max_new_tokens: int = 8, batch_size: int = 32) -> list[str]:
+    """Greedy answers of the model to samples' prompts (left-padded batches)."""
+    from .data import check_image_tokens, sample_prompt
+
+    model, processor = loaded.model, loaded.processor
+    device = next(model.parameters()).device
+    answers = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        prompts = [sample_prompt(s) for s in chunk]
+        check_image_tokens(prompts, [s.image for s in chunk])
+        inputs = processor(images=[s.image for s in chunk], text=prompts, return_tensors="pt", padding=True, padding_side="left")
+        inputs = {k: (v.to(device, model.dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        answers += [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return answers
+
+
+def describe(loaded: LoadedModel) -> str:
+    """LLaVA's anatomy in a few lines: vision tower -> projector -> language model."""
+    config, model = loaded.model.config, loaded.model
+    vision, text = config.vision_config, config.text_config
+
+    def millions(module) -> str:
+        return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M params"
+
+    side = vision.image_size // vision.patch_size
+    return "\n".join([
+        f"vision tower   : CLIP, {vision.num_hidden_layers} layers x width {vision.hidden_size}, "
+        f"{vision.image_size}px images in {vision.patch_size}px patches -> {side}x{side} = {side * side} patch tokens "
+        f"({millions(model.model.vision_tower)})",
+        f"projector      : {vision.hidden_size} -> {text.hidden_size} -> {text.hidden_size}, GELU ({millions(model.model.multi_modal_projector)})",
+        f"language model : Llama, {text.num_hidden_layers} decoder layers x width {text.hidden_size}, MLP width "
+        f"{text.intermediate_size}, vocabulary {text.vocab_size} ({millions(model.model.language_model)})",
+    ])

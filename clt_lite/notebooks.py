@@ -39,28 +39,33 @@ def notebook_paths(only: list[str] | None = None) -> list[Path]:
 
 
 def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure_dir: str | None = None,
-                  out_dir: str | Path | None = None) -> list[NotebookRun]:
+                  in_place: bool = False) -> list[NotebookRun]:
     """Execute notebooks in order; stop at the first failure, naming notebook and cell.
 
     Executed copies go to runs/<config name>/; figure_dir (relative to notebooks/) is
     passed as a parameter so `make run` can write the committed figures/.
+    in_place: execute with the notebooks' own defaults (the CPU config, which a test
+    keeps equal to cpu.yaml) and overwrite them: how the committed outputs are made.
     """
     import time
 
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    parameters = load_config(config_path)
     run_name = Path(config_path).stem
-    parameters.setdefault("run_dir", f"../runs/{run_name}")
-    if figure_dir is not None:
-        parameters["figure_dir"] = figure_dir
-    out_dir = Path(out_dir or ROOT / "runs" / run_name)
+    if in_place:  # no parameters: papermill injects no cell, the committed source stays clean
+        parameters = {"figure_dir": figure_dir} if figure_dir else {}
+    else:
+        parameters = load_config(config_path)
+        parameters.setdefault("run_dir", f"../runs/{run_name}")
+        if figure_dir is not None:
+            parameters["figure_dir"] = figure_dir
+    out_dir = ROOT / "runs" / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for path in notebook_paths(only):
         start = time.time()
-        output = out_dir / path.name
+        output = path if in_place else out_dir / path.name
         try:
             papermill.execute_notebook(str(path), str(output), parameters=parameters, cwd=str(NOTEBOOK_DIR),
                                        kernel_name="python3", progress_bar=False)
@@ -68,3 +73,40 @@ def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure
             raise RuntimeError(f"{path.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue} (executed copy: {output})") from None
         runs.append(NotebookRun(path.name, output, time.time() - start))
     return runs
+
+
+def environment_report() -> str:
+    """Versions, devices and memory: the first thing to check when a notebook misbehaves."""
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    lines = [
+        f"python       : {platform.python_version()}",
+        f"torch        : {torch.__version__}",
+        f"transformers : {transformers.__version__}",
+        f"cpu cores    : {os.cpu_count()}",
+    ]
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        lines.append(f"memory       : {pages * page_size / 2**30:.1f} GiB")
+    except (ValueError, OSError, AttributeError):
+        lines.append("memory       : unknown")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            lines.append(f"cuda:{i}       : {props.name}, {props.total_memory / 2**30:.0f} GiB")
+    else:
+        lines.append("cuda         : none (the CPU config runs the toy model)")
+    return "\n".join(lines)
+
+
+def config_table(config_dir: str | Path = ROOT / "configs") -> str:
+    """The shipped parameter sets, one line each."""
+    rows = []
+    for path in sorted(Path(config_dir).glob("*.yaml")):
+        values = load_config(path)
+        rows.append(f"{path.name:<22} " + "  ".join(f"{k}={v}" for k, v in values.items()))
+    return "\n".join(rows)

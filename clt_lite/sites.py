@@ -142,3 +142,23 @@ def token_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tok
     image = (input_ids == image_token_id) & ~padding
     bos = (input_ids == bos_token_id) & ~padding if bos_token_id is not None else torch.zeros_like(padding)
     return TokenMasks(image, ~padding & ~image & ~bos, padding, bos)
+
+
+def identity_errors(model: nn.Module, captured: Captured, hidden_states: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Max |difference| of the two identities the CLT relies on, over all layers:
+
+    mlp_in = post_attention_layernorm(resid_mid) and hidden[l+1] = resid_mid[l] + mlp_out[l]
+    (checked for l < L-1: the model's last hidden state has the final norm applied).
+    Needs a capture of all three sites over all layers and output_hidden_states=True.
+    """
+    blocks = decoder_layers(model)
+    resid_mid, mlp_in, mlp_out = (captured.stack(site).float() for site in SITES)
+    norm_error, residual_error = 0.0, 0.0
+    with torch.no_grad():
+        for l, block in enumerate(blocks):
+            normed = block.post_attention_layernorm(resid_mid[..., l, :].to(next(block.parameters()).dtype)).float()
+            norm_error = max(norm_error, (mlp_in[..., l, :] - normed.cpu()).abs().max().item())
+            if l + 1 < len(blocks):
+                after = hidden_states[l + 1].float().cpu()
+                residual_error = max(residual_error, (after - resid_mid[..., l, :] - mlp_out[..., l, :]).abs().max().item())
+    return {"mlp_in = norm(resid_mid)": norm_error, "hidden[l+1] = resid_mid + mlp_out": residual_error}

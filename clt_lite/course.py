@@ -1,0 +1,32 @@
+"""Cached steps of the course, so each notebook runs on its own.
+
+Every product (an activation store, a trained CLT) lives under `run_dir` in a folder named
+by a hash of the parameters that made it. A notebook asks for what it needs; if an earlier
+notebook already produced it with the same parameters it is reused, otherwise it is made
+(and the underlying steps resume after a kill rather than start over).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from . import data
+from .store import ActivationStore, CaptureConfig, CaptureSummary, capture
+
+
+def cache_path(run_dir: str | Path, kind: str, **key) -> Path:
+    """run_dir/<kind>-<10 hex digits of the key>: same parameters, same folder."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(run_dir) / f"{kind}-{digest}"
+
+
+def capture_shapes(loaded, n_samples: int, run_dir: str | Path, seed: int = 0, dtype: str = "float16",
+                   progress: bool = True) -> tuple[ActivationStore, CaptureSummary]:
+    """Activations of n ShapesWorld training samples (all layers, resid_mid + mlp_out), cached."""
+    config = CaptureConfig(dtype=dtype)
+    path = cache_path(run_dir, "acts", model=loaded.name, n_samples=n_samples, seed=seed, dtype=dtype)
+    samples = data.iter_shapes_world(n_samples, "train", seed)
+    summary = capture(loaded, samples, path, config, data_id=f"shapes:{n_samples}:seed{seed}", progress=progress)
+    return ActivationStore(path), summary

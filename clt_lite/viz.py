@@ -1,0 +1,69 @@
+"""Matplotlib figures for the notebooks (each returns the Figure; saving is separate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+
+def save_figure(fig, figure_dir: str | Path, name: str) -> Path:
+    """Save as PNG under figure_dir (created if needed); returns the path."""
+    folder = Path(figure_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    return path
+
+
+def site_norms(per_site: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Mean L2 norm per layer, per site ([batch, seq, layers, d] tensors), per token kind (bool [batch, seq] masks)."""
+    return {site: {kind: acts[mask].norm(dim=-1).mean(0) for kind, mask in masks.items()} for site, acts in per_site.items()}
+
+
+def plot_site_norms(norms: dict[str, dict[str, torch.Tensor]], title: str = "activation norms by layer"):
+    """One panel per site, one line per token kind."""
+    fig, axes = plt.subplots(1, len(norms), figsize=(4.2 * len(norms), 3.2), squeeze=False)
+    for ax, (site, by_kind) in zip(axes[0], norms.items()):
+        for kind, values in by_kind.items():
+            ax.plot(range(len(values)), values.float().numpy(), marker="o", markersize=3, label=f"{kind} tokens")
+        ax.set(title=site, xlabel="decoder layer", ylabel="mean L2 norm")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def show_samples(samples, answers: list[str] | None = None, columns: int = 4):
+    """Images with their question, the reference answer and (optionally) the model's answer."""
+    rows = (len(samples) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.1 * columns, 3.3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(samples):
+            continue
+        sample = samples[i]
+        ax.imshow(sample.image, interpolation="nearest")
+        lines = [sample.question, f"truth: {sample.answer}"]
+        if answers is not None:
+            mark = "ok" if answers[i] == sample.answer else "WRONG"
+            lines.append(f"model: {answers[i]} ({mark})")
+        ax.set_title("\n".join(lines), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def store_site_norms(store, max_rows: int = 20000) -> dict[str, dict[str, torch.Tensor]]:
+    """Like site_norms, from an activation store's first rows, split by the kind of position."""
+    from .store import KINDS
+
+    rows = min(max_rows, store.n_tokens)
+    kinds = torch.from_numpy(store.metadata.kind[:rows].astype("int64"))
+    bos = torch.from_numpy(store.metadata.bos[:rows])
+    acts = store.tokens(slice(0, rows))
+    return {
+        site: {kind: values[(kinds == KINDS.index(kind)) & ~bos].norm(dim=-1).mean(0) for kind in KINDS}
+        for site, values in acts.items()
+    }
