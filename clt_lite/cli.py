@@ -36,6 +36,66 @@ def _cmd_toy(args) -> dict:
     return {"model": args.model, "per_family": args.per_family, "accuracy": accuracy}
 
 
+def _clt_config(args, n_layers: int, d_model: int):
+    from .clt import CLTConfig
+
+    return CLTConfig(n_layers=n_layers, d_model=d_model, expansion_factor=args.expansion, k=args.k,
+                     cross_layer=args.cross_layer, activation=args.activation)
+
+
+def _cmd_plan(args) -> dict:
+    from dataclasses import asdict
+
+    from . import plan
+
+    dims = plan.model_dims(args.model.removeprefix("random:"))
+    device = plan.DEVICE_PRESETS[args.device_preset] if args.device_preset else None
+    result = plan.plan(dims, _clt_config(args, dims.n_layers, dims.d_model), optimizer=args.optimizer, device=device)
+    print(plan.format_plan(result))
+    return {k: v for k, v in asdict(result).items() if k not in ("config", "model", "device")}
+
+
+def _cmd_capture(args) -> dict:
+    from . import data, models
+    from .store import CaptureConfig, capture
+
+    loaded = models.load(args.model, device=args.device)
+    samples = data.parse_data_spec(args.data, "train", args.seed)
+    summary = capture(loaded, samples, args.out, CaptureConfig(dtype=args.dtype, max_tokens=args.tokens),
+                      data_id=f"{args.data}:seed{args.seed}", progress=not args.json)
+    print(f"{summary.tokens:,} tokens in {summary.shards} shards at {args.out} ({summary.mb_per_s:.1f} MB/s)")
+    return summary._asdict()
+
+
+def _cmd_train(args) -> dict:
+    from .store import ActivationStore
+    from .train import TrainConfig, train
+
+    source = ActivationStore(args.acts)
+    config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed)
+    result = train(_clt_config(args, source.n_layers, source.d_model), config, source, args.out, progress=not args.json)
+    mean_fvu, mean_l0 = sum(result.fvu) / len(result.fvu), sum(result.l0) / len(result.l0)
+    print(f"CLT saved to {args.out}: mean val FVU {mean_fvu:.3f}, mean L0 {mean_l0:.1f}, {result.tokens_per_s:,.0f} tokens/s")
+    return {"out": str(args.out), "mean_fvu": mean_fvu, "mean_l0": mean_l0, **result._asdict(), "history": None}
+
+
+def _cmd_evaluate(args) -> dict:
+    from . import data, models
+    from . import replacement as R
+    from .clt import CrossLayerTranscoder
+
+    loaded = models.load(args.model, device=args.device)
+    samples = data.parse_data_spec(args.data, "test", args.seed)
+    replacements = [R.Replacement("clt", CrossLayerTranscoder.load(args.clt, loaded.model.device), name="CLT")]
+    if args.plt:
+        replacements.append(R.Replacement("clt", CrossLayerTranscoder.load(args.plt, loaded.model.device), name="PLT"))
+    means = R.mlp_out_means(loaded.model, loaded.processor, data.parse_data_spec(args.data, "train", args.seed))
+    replacements += [R.Replacement("zero"), R.Replacement("mean", means=means)]
+    rows = [R.token_match(loaded, r, samples) for r in replacements]
+    print(R.format_table(rows))
+    return {"rows": [row._asdict() for row in rows]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clt_lite", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +111,45 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--only", nargs="+", metavar="NN", help="notebook numbers to run, e.g. 01 02")
     nb.add_argument("--figures", default=None, help="figure folder relative to notebooks/ (default: under runs/)")
     nb.add_argument("--in-place", action="store_true", help="overwrite notebooks/ with outputs of the CPU defaults (maintainers)")
+
+    def clt_options(sub) -> None:
+        sub.add_argument("--expansion", type=int, default=8, help="latents per layer as a multiple of d_model")
+        sub.add_argument("--k", type=int, default=16, help="active latents per token per layer")
+        sub.add_argument("--cross-layer", type=int, default=0, help="targets per latent; 0 = full, 1 = PLT")
+        sub.add_argument("--activation", default="topk", help="topk, batchtopk or jumprelu")
+
+    pl = command("plan", "parameters, memory, FLOPs and speed bounds of a CLT config", _cmd_plan)
+    pl.add_argument("--model", required=True, help="preset (llava-1.5-7b, tiny-llava-shapes) or a model folder")
+    clt_options(pl)
+    pl.add_argument("--optimizer", default="adam", help="adam, adam-bf16, adafactor or sgd")
+    pl.add_argument("--device-preset", choices=["h200", "cpu-2core"], help="bound speed and memory on this device")
+
+    ca = command("capture", "capture resid_mid and mlp_out of every layer to a sharded store", _cmd_capture)
+    ca.add_argument("--model", default="tiny-llava-shapes")
+    ca.add_argument("--data", required=True, help="shapes:N or jsonl:PATH")
+    ca.add_argument("--tokens", type=int, help="stop after this many tokens")
+    ca.add_argument("--out", required=True, type=Path)
+    ca.add_argument("--dtype", default="float16", help="on-disk dtype: float16, bfloat16 or float32")
+    ca.add_argument("--device", default="auto")
+    ca.add_argument("--seed", type=int, default=0)
+
+    tr = command("train", "train a CLT on a captured store (resumes from its checkpoints)", _cmd_train)
+    tr.add_argument("--acts", required=True, type=Path, help="store folder written by capture")
+    clt_options(tr)
+    tr.add_argument("--tokens", type=int, default=2**19, help="training tokens")
+    tr.add_argument("--batch-size", type=int, default=1024)
+    tr.add_argument("--lr", type=float, help="peak learning rate (default scales with width)")
+    tr.add_argument("--out", required=True, type=Path)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--seed", type=int, default=0)
+
+    ev = command("evaluate", "token match of the CLT replacement model against baselines", _cmd_evaluate)
+    ev.add_argument("--model", default="tiny-llava-shapes")
+    ev.add_argument("--clt", required=True, type=Path, help="folder written by train")
+    ev.add_argument("--plt", type=Path, help="a per-layer transcoder to compare (train with --cross-layer 1)")
+    ev.add_argument("--data", default="shapes:200", help="shapes:N or jsonl:PATH (test split for shapes)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--seed", type=int, default=0)
 
     toy = command("toy", "train or evaluate the shipped toy VLM", _cmd_toy)
     toy.add_argument("action", choices=["train", "eval"])

@@ -45,7 +45,7 @@ class CLTConfig:
     expansion_factor: int = 8  # latents per layer as a multiple of d_model, used when n_latents == 0
     k: int = 32  # active latents per token per layer (TopK exact, BatchTopK on average, JumpReLU initial L0)
     cross_layer: int = 0  # C: a layer-s latent writes to targets s..s+C-1; 0 or n_layers means all later layers
-    activation: str = "topk"  # "topk", "batchtopk" (top B*k per layer over the batch) or "jumprelu"
+    activation: str = "topk"  # "topk", "batchtopk" (top B*k per layer over the batch, also at eval) or "jumprelu"
     jumprelu_bandwidth: float = 0.05  # JumpReLU: width of the straight-through kernel for the threshold gradient
     skip_connection: bool = False  # add a learned linear map from input t to target t (W_skip[t], zero init)
     post_encoder_scale: bool = False  # multiply each latent's activation by a per-latent scale (init 1)
@@ -57,7 +57,9 @@ class CLTConfig:
         if self.n_layers < 1 or self.d_model < 1:
             raise ValueError(f"n_layers and d_model must be >= 1, got {self.n_layers} and {self.d_model}")
         if self.n_latents < 0 or (self.n_latents == 0 and self.expansion_factor < 1):
-            raise ValueError(f"set n_latents >= 1 or expansion_factor >= 1 (got {self.n_latents}, {self.expansion_factor})")
+            raise ValueError(
+                f"set n_latents >= 1 or expansion_factor >= 1 (got {self.n_latents}, {self.expansion_factor})"
+            )
         if not 1 <= self.k <= self.num_latents:
             raise ValueError(f"k={self.k} must be between 1 and the latents per layer ({self.num_latents}); lower k")
         if not 0 <= self.cross_layer <= self.n_layers:
@@ -228,6 +230,34 @@ class CrossLayerTranscoder(nn.Module):
             values = values * self.post_enc_scale.expand(x.shape[0], -1, -1).gather(-1, indices)
         return Encoding(values, indices, pre)
 
+    def encode_layer(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One layer's latents for x [N, d] (normalised): (values [N, k'], indices [N, k']).
+
+        What the closed-loop replacement model needs: layer l's input only exists once the
+        replacement has run layers < l. Same activation rules as encode.
+        """
+        cfg = self.config
+        pre = x.to(self.W_enc.dtype) @ self.W_enc[layer].T + self.b_enc[layer]
+        if cfg.activation == "topk":
+            values, indices = pre.relu().topk(cfg.k, dim=-1, sorted=False)
+        elif cfg.activation == "batchtopk":
+            values, indices = _compact(_batch_topk(pre.relu()[:, None], cfg.k))
+            values, indices = values[:, 0], indices[:, 0]
+        else:
+            dense = _JumpReLU.apply(pre, self.log_threshold[layer].exp(), cfg.jumprelu_bandwidth)
+            values, indices = _compact(dense[:, None])
+            values, indices = values[:, 0], indices[:, 0]
+        if cfg.post_encoder_scale:
+            values = values * self.post_enc_scale[layer][indices]
+        return values, indices
+
+    def decode_source(self, layer: int, values: Tensor, indices: Tensor) -> Tensor:
+        """Contributions [N, n_targets(layer), d] of one source layer's latents to its targets (normalised, no bias)."""
+        W = self.W_dec[layer]
+        n, n_targets, d = W.shape
+        out = F.embedding_bag(indices, W.reshape(n, n_targets * d), per_sample_weights=values.to(W.dtype), mode="sum")
+        return out.view(-1, n_targets, d)
+
     # ----------------------------------------------------------------------------------- decode
     def latent_sum(self, values: Tensor, indices: Tensor) -> Tensor:
         """Sum of decoder contributions of the given latents per target, [B, L, d], sparse (no bias, no skip).
@@ -236,24 +266,26 @@ class CrossLayerTranscoder(nn.Module):
         [n, n_targets*d] and sums them weighted by the activations: O(k d) per pair instead of O(n d).
         """
         batch = values.shape[0]
-        out = torch.zeros(batch, self.config.n_layers, self.config.d_model, device=values.device, dtype=self.b_dec.dtype)
+        parts: list[list[Tensor]] = [[] for _ in range(self.config.n_layers)]
         for s, W in enumerate(self.W_dec):
             n, n_targets, d = W.shape
-            part = F.embedding_bag(
+            flat = F.embedding_bag(
                 indices[:, s], W.reshape(n, n_targets * d), per_sample_weights=values[:, s].to(W.dtype), mode="sum"
             )
-            out[:, s : s + n_targets] += part.view(batch, n_targets, d)
-        return out
+            for offset, part in enumerate(flat.view(batch, n_targets, d).unbind(1)):
+                parts[s + offset].append(part)
+        return torch.stack([sum(p) for p in parts], dim=1)
 
     def latent_sum_dense(self, values: Tensor, indices: Tensor) -> Tensor:
         """Readable reference for latent_sum: scatter to dense [B, n] activations and contract with W_dec."""
         batch = values.shape[0]
-        out = torch.zeros(batch, self.config.n_layers, self.config.d_model, device=values.device, dtype=self.b_dec.dtype)
+        parts: list[list[Tensor]] = [[] for _ in range(self.config.n_layers)]
         for s, W in enumerate(self.W_dec):
             acts = torch.zeros(batch, W.shape[0], device=values.device, dtype=W.dtype)
             acts = acts.scatter_add(1, indices[:, s], values[:, s].to(W.dtype))
-            out[:, s : s + W.shape[1]] += torch.einsum("bn,ntd->btd", acts, W)
-        return out
+            for offset, part in enumerate(torch.einsum("bn,ntd->btd", acts, W).unbind(1)):
+                parts[s + offset].append(part)
+        return torch.stack([sum(p) for p in parts], dim=1)
 
     def decode(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
         """Reconstruct all targets [B, L, d] from sparse latents (x is needed with skip_connection)."""
@@ -320,7 +352,8 @@ class CrossLayerTranscoder(nn.Module):
         """Store the per-layer normalisation scalars (normalised = raw * scale) used by reconstruct_raw and export."""
         L = self.config.n_layers
         if input_scale.shape != (L,) or target_scale.shape != (L,):
-            raise ValueError(f"scales must have shape [{L}], got {tuple(input_scale.shape)} and {tuple(target_scale.shape)}")
+            shapes = f"{tuple(input_scale.shape)} and {tuple(target_scale.shape)}"
+            raise ValueError(f"scales must have shape [{L}], got {shapes}")
         self.input_scale.copy_(input_scale)
         self.target_scale.copy_(target_scale)
 
@@ -427,7 +460,9 @@ def load_circuit_tracer(path: str | os.PathLike, map_location: str | torch.devic
     enc0 = _read_safetensors(path / "W_enc_0.safetensors", map_location)
     if meta is None:
         if "threshold_0" not in enc0:
-            raise ValueError(f"{path} has no clt_lite metadata and no thresholds; only JumpReLU CLTs can be read without it")
+            raise ValueError(
+                f"{path} has no clt_lite metadata and no thresholds; only JumpReLU CLTs can be read without it"
+            )
         n, d = enc0["W_enc_0"].shape
         n_layers = len(list(path.glob("W_enc_*.safetensors")))
         meta = dict(n_layers=n_layers, d_model=d, n_latents=n, k=min(32, n), activation="jumprelu")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from . import data
+from .clt import CLTConfig, CrossLayerTranscoder
 from .store import ActivationStore, CaptureConfig, CaptureSummary, capture
+from .train import TrainConfig, TrainResult, train
 
 
 def cache_path(run_dir: str | Path, kind: str, **key) -> Path:
@@ -30,3 +33,11 @@ def capture_shapes(loaded, n_samples: int, run_dir: str | Path, seed: int = 0, d
     samples = data.iter_shapes_world(n_samples, "train", seed)
     summary = capture(loaded, samples, path, config, data_id=f"shapes:{n_samples}:seed{seed}", progress=progress)
     return ActivationStore(path), summary
+
+
+def train_clt(source: ActivationStore, run_dir: str | Path, clt_config: CLTConfig, train_config: TrainConfig,
+              progress: bool = True) -> tuple[CrossLayerTranscoder, TrainResult]:
+    """Train (or resume, or just reload) a CLT on a store; cached by store and configs."""
+    path = cache_path(run_dir, "clt", store=source.path.name, clt=asdict(clt_config), train=asdict(train_config))
+    result = train(clt_config, train_config, source, path, progress=progress)
+    return CrossLayerTranscoder.load(path), result

@@ -343,7 +343,7 @@ def encode_batch(processor, samples: list[Sample], with_answers: bool = False, m
     rows, answer_rows = [], []
     for ids, mask, sample in zip(encoded["input_ids"], encoded["attention_mask"], samples):
         prompt_ids = ids[mask.bool()].tolist()
-        answer_ids = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if with_answers else []
+        answer_ids = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if with_answers and sample.answer else []
         rows.append(prompt_ids + answer_ids)
         answer_rows.append([False] * len(prompt_ids) + [True] * len(answer_ids))
     width = max(map(len, rows))

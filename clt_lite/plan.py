@@ -56,7 +56,8 @@ def model_dims(name_or_path: str) -> ModelDims:
         return MODEL_PRESETS[name_or_path]
     config_path = Path(name_or_path) / "config.json"
     if not config_path.is_file():
-        raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(MODEL_PRESETS)} or a folder with config.json")
+        presets = ", ".join(MODEL_PRESETS)
+        raise ValueError(f"unknown model {name_or_path!r}: use one of {presets} or a folder with config.json")
     config = json.loads(config_path.read_text())
     text = config.get("text_config", config)
     if "num_hidden_layers" not in text or "hidden_size" not in text:
@@ -82,6 +83,7 @@ class Plan:
     encoder_flops_per_token: int  # forward, dense: 2 L d n
     decoder_flops_per_token_dense: int  # forward through dense activations: 2 n d pairs
     decoder_flops_per_token_sparse: int  # forward with k active latents: 2 k d pairs
+    decoder_bytes_per_token_sparse: int  # decoder rows gathered per token, forward: k d pairs in param_dtype
     train_flops_per_token: int  # 3 x (encoder + sparse decoder) forward: forward plus twice for backward
     disk_bytes_per_token: int  # input + target site of every layer in act_dtype
     optimizer: str  # optimizer the state bytes assume
@@ -107,7 +109,8 @@ def targets_sources_table(n_layers: int, cross_layer: int) -> list[TableRow]:
         raise ValueError(f"cross_layer={cross_layer} must be in 0..{n_layers} (0 or n_layers = full)")
     span = cross_layer or n_layers
     return [
-        TableRow(layer, list(range(layer, min(layer + span, n_layers))), list(range(max(0, layer - span + 1), layer + 1)))
+        TableRow(layer, targets=list(range(layer, min(layer + span, n_layers))),
+                 sources=list(range(max(0, layer - span + 1), layer + 1)))
         for layer in range(n_layers)
     ]
 
@@ -118,8 +121,10 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", param_
 
     Throughput model (an upper bound): compute bound = peak FLOP/s / (3 x forward FLOPs per token,
     sparse decoder); bandwidth bound = tokens per step / time to move, per step, the weights four times
-    (forward read, backward read, optimizer read + write), the gradients twice (write, read) and the
-    optimizer states twice (read + write). The smaller of the two is reported.
+    (forward read, backward read, optimizer read + write), the gradients twice (write, read), the
+    optimizer states twice (read + write), and per token the k active decoder rows of every pair four
+    times (forward gather, backward gather, gradient read + write: the gathers have little reuse, and at
+    LLaVA width they dominate). The smaller of the two bounds is reported.
     """
     if (clt_config.n_layers, clt_config.d_model) != (dims.n_layers, dims.d_model):
         raise ValueError(f"config is {clt_config.n_layers} x {clt_config.d_model} but {dims.name} is "
@@ -149,11 +154,12 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", param_
 
     enc_flops = 2 * L * d * n
     dec_dense, dec_sparse = 2 * n * d * pairs, 2 * k * d * pairs
+    dec_bytes = k * d * pairs * BYTES_PER_DTYPE[param_dtype]
     train_flops = 3 * (enc_flops + dec_sparse)
     compute = bandwidth = best = fits = None
     if device is not None:
         compute = device.flops / train_flops
-        step_bytes = 4 * weight_bytes + 2 * weight_bytes + 2 * optimizer_bytes  # grads are weight-sized
+        step_bytes = 4 * weight_bytes + 2 * weight_bytes + 2 * optimizer_bytes + 4 * batch_size * dec_bytes
         bandwidth = batch_size * device.bandwidth / step_bytes
         best = min(compute, bandwidth)
         fits = training_bytes + batch_bytes <= device.memory
@@ -162,6 +168,7 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", param_
         total_params=total, weight_bytes=weight_bytes, grad_bytes=weight_bytes, optimizer_bytes=optimizer_bytes,
         training_bytes=training_bytes, batch_bytes=batch_bytes, encoder_flops_per_token=enc_flops,
         decoder_flops_per_token_dense=dec_dense, decoder_flops_per_token_sparse=dec_sparse,
+        decoder_bytes_per_token_sparse=dec_bytes,
         train_flops_per_token=train_flops, disk_bytes_per_token=2 * L * d * BYTES_PER_DTYPE[act_dtype],
         optimizer=optimizer, batch_size=batch_size, device=device, compute_tokens_per_s=compute,
         bandwidth_tokens_per_s=bandwidth, max_tokens_per_s=best, fits=fits,

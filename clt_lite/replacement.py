@@ -98,7 +98,7 @@ def replaced(model, replacement: Replacement, open_loop_inputs: torch.Tensor | N
     errors: [batch, seq, L, d] original mlp_out minus the CLT's open-loop reconstruction;
         added back at every replaced layer so the replacement reproduces the original exactly.
     fvu / positions: accumulate, at the kept positions, the FVU of the replacement against the
-        true MLP output *on the same residual stream* (closed loop: errors compound here).
+        true MLP output *on the same residual stream* (in the closed loop errors compound here).
     """
     clt = replacement.clt
     n_layers = len(sites.decoder_layers(model))
@@ -206,14 +206,19 @@ def token_match(loaded, replacement: Replacement, samples: list[data.Sample], ba
             original = model(**inputs).logits.float().cpu()
         open_inputs = captured.stack(site) if replacement.loop == "open" else None
         errors = reconstruction_errors(replacement.clt, captured.stack(site), captured.stack("mlp_out")) if replacement.exact else None
-        with torch.no_grad(), replaced(model, replacement, open_loop_inputs=open_inputs, errors=errors, fvu=fvu,
+        closed_fvu = fvu if replacement.loop == "closed" else None
+        with torch.no_grad(), replaced(model, replacement, open_loop_inputs=open_inputs, errors=errors, fvu=closed_fvu,
                                        positions=real.to(inputs["input_ids"].device)):
             patched = model(**inputs).logits.float().cpu()
+        if replacement.loop == "open":  # open loop: against the original MLP outputs
+            predicted = replacement.clt.reconstruct_raw(open_inputs[real].to(replacement.clt.b_dec.device)).cpu()
+            for layer in range(n_layers):
+                fvu.add(layer, predicted[:, layer], captured["mlp_out"][layer][real])
         _score_batch(sums, hits, chunk, batch, original, patched, loaded.image_token_id)
     if sums["n_answer"] == 0:
         raise ValueError("the dataset has no answer positions; token match needs samples with answers")
     original_answers = replacement_answers = []
-    if generate:
+    if generate and replacement.loop == "closed" and not replacement.exact:  # open loop needs the original's inputs
         original_answers = generate_answers(loaded, samples, max_new_tokens)
         with replaced(model, replacement):
             replacement_answers = generate_answers(loaded, samples, max_new_tokens)
@@ -277,3 +282,15 @@ def agreement_by_depth(loaded, clt: CrossLayerTranscoder, samples: list[data.Sam
         token_match(loaded, Replacement("clt", clt, layers=range(l + 1)), samples, batch_size, generate=False).top1_answer
         for l in range(clt.config.n_layers)
     ]
+
+
+def format_table(rows: list[TokenMatch]) -> str:
+    """The token-match table, one replacement per line."""
+    header = (f"{'replacement':<24} {'top1 text':>9} {'top1 ans':>8} {'top1 filt':>9} {'KL':>8} {'dCE ans':>8} "
+              f"{'gen tok':>7} {'gen exact':>9} {'acc orig':>8} {'acc repl':>8}")
+    lines = [header]
+    for r in rows:
+        lines.append(f"{r.name:<24} {r.top1_text:>9.3f} {r.top1_answer:>8.3f} {r.top1_filtered:>9.3f} {r.kl:>8.4f} "
+                     f"{r.ce_increase:>8.3f} {r.generated_token_agreement:>7.3f} {r.generated_exact_match:>9.3f} "
+                     f"{r.accuracy_original['all']:>8.3f} {r.accuracy_replacement['all']:>8.3f}")
+    return "\n".join(lines)

@@ -67,3 +67,41 @@ def store_site_norms(store, max_rows: int = 20000) -> dict[str, dict[str, torch.
         site: {kind: values[(kinds == KINDS.index(kind)) & ~bos].norm(dim=-1).mean(0) for kind in KINDS}
         for site, values in acts.items()
     }
+
+
+def plot_clt_structure(n_layers: int, cross_layers: dict[str, int]):
+    """Which source layer writes to which target layer, one panel per cross_layer setting (0 = full)."""
+    fig, axes = plt.subplots(1, len(cross_layers), figsize=(3.6 * len(cross_layers), 3.4), squeeze=False)
+    for ax, (title, cross) in zip(axes[0], cross_layers.items()):
+        span = n_layers if cross == 0 else cross
+        grid = torch.tensor([[1.0 if s <= t < s + span else 0.0 for t in range(n_layers)] for s in range(n_layers)])
+        ax.imshow(grid, cmap="Blues", vmin=0, vmax=1.3)
+        ax.set(title=f"{title}\n{int(grid.sum())} decoder matrices", xlabel="target layer (MLP output)", ylabel="source layer (latents)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training(histories: dict[str, list[dict]]):
+    """Training loss (mean FVU over layers) against tokens seen, one line per run."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, history in histories.items():
+        ax.plot([h["tokens"] for h in history], [h["loss"] for h in history], label=name)
+    ax.set(xlabel="training tokens", ylabel="loss (mean FVU + aux)", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_metrics(results: dict[str, object]):
+    """Validation FVU, L0 and dead-latent fraction per layer for each trained run (TrainResult-like)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for name, result in results.items():
+        for ax, values in zip(axes, (result.fvu, result.l0, result.dead_fraction)):
+            ax.plot(range(len(values)), values, marker="o", markersize=3, label=name)
+    for ax, label in zip(axes, ("validation FVU", "L0 (active latents / token)", "dead latent fraction")):
+        ax.set(xlabel="layer", title=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    return fig

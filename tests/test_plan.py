@@ -47,7 +47,9 @@ def test_optimizer_state_bytes(optimizer, per_param):
 def test_h200_throughput_bound_is_the_min_of_compute_and_bandwidth():
     p = plan(LLAVA, llava_clt(), device="h200", batch_size=4096)
     assert p.compute_tokens_per_s == pytest.approx(989e12 / 6_857_687_040)
-    step_bytes = 6 * 4 * p.total_params + 2 * 8 * p.total_params
+    gathers = 4 * 4096 * (32 * 4096 * 528 * 4)  # 4 passes over k rows of every pair, per token, fp32
+    assert p.decoder_bytes_per_token_sparse == 32 * 4096 * 528 * 4
+    step_bytes = 6 * 4 * p.total_params + 2 * 8 * p.total_params + gathers
     assert p.bandwidth_tokens_per_s == pytest.approx(4096 * 4.8e12 / step_bytes)
     assert p.max_tokens_per_s == min(p.compute_tokens_per_s, p.bandwidth_tokens_per_s)
     assert p.fits is False  # 300 GB of weights, grads and Adam states on a 141 GB card

@@ -1,0 +1,41 @@
+"""The CLI contract: every command takes --json (one object on the last line) and fails in one line."""
+
+import json
+
+import pytest
+
+from clt_lite import cli
+
+
+def _run(capsys, *argv) -> dict:
+    assert cli.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_capture_train_evaluate_end_to_end(tmp_path, capsys):
+    acts, clt = tmp_path / "acts", tmp_path / "clt"
+    captured = _run(capsys, "capture", "--model", "random:tiny", "--data", "shapes:24", "--out", str(acts), "--device", "cpu")
+    assert captured["tokens"] > 0 and captured["shards"] >= 1
+    trained = _run(capsys, "train", "--acts", str(acts), "--expansion", "2", "--k", "8", "--tokens", "2048",
+                   "--batch-size", "256", "--out", str(clt), "--device", "cpu")
+    assert 0 < trained["mean_fvu"] < 2 and trained["steps"] == 8
+    evaluated = _run(capsys, "evaluate", "--model", "random:tiny", "--clt", str(clt), "--data", "shapes:4", "--device", "cpu")
+    assert [row["name"] for row in evaluated["rows"]] == ["CLT", "MLP zero-ablation", "MLP mean-ablation"]
+
+
+def test_plan_prints_the_llava_7b_numbers(capsys):
+    result = _run(capsys, "plan", "--model", "llava-1.5-7b", "--expansion", "2", "--k", "64", "--cross-layer", "0")
+    assert result["decoder_matrices"] == 528 and round(result["total_params"] / 1e9, 1) == 18.8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--model", "gpt-9"], "unknown model"),
+    (["plan", "--model", "llava-1.5-7b", "--k", "100000"], "k=100000"),
+    (["train", "--acts", "/no/such/store", "--out", "/tmp/x"], "no manifest.json"),
+    (["capture", "--model", "random:tiny", "--data", "shapes:0", "--out", "/tmp/x"], "use shapes:N"),
+    (["evaluate", "--model", "random:tiny", "--clt", "/no/such/clt"], "not found"),
+])
+def test_bad_input_is_one_line_and_non_zero(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

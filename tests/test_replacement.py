@@ -1,0 +1,103 @@
+"""The replacement model and token match: exactness, ordering against baselines, bad input."""
+
+import pytest
+import torch
+
+from clt_lite import data, sites
+from clt_lite import replacement as R
+from clt_lite.clt import CLTConfig, CrossLayerTranscoder
+from clt_lite.store import StreamingSource
+from clt_lite.train import TrainConfig, train
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return data.shapes_world(16, "val")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    source = StreamingSource(tiny, data.shapes_world(300, "train"))
+    config = CLTConfig(n_layers=tiny.n_layers, d_model=tiny.d_model, expansion_factor=4, k=16)
+    folder = tmp_path_factory.mktemp("clt")
+    train(config, TrainConfig(tokens=60 * 512, batch_size=512, warmup_steps=5, lr=2e-3, device="cpu"),
+          source, folder, progress=False)
+    return CrossLayerTranscoder.load(folder)
+
+
+@pytest.fixture(scope="module")
+def untrained(trained):
+    clt = CrossLayerTranscoder(trained.config)
+    clt.set_scales(trained.input_scale, trained.target_scale)
+    return clt
+
+
+def test_exact_error_add_back_reproduces_the_original(tiny, trained, samples):
+    match = R.token_match(tiny, R.Replacement("clt", trained, exact=True), samples)
+    assert match.top1_text == 1.0 and match.top1_answer == 1.0
+    assert abs(match.kl) < 1e-6 and abs(match.ce_increase) < 1e-5
+    assert match.accuracy_replacement == match.accuracy_original
+
+
+def test_trained_clt_beats_ablations_and_a_random_clt(tiny, trained, untrained, samples):
+    means = R.mlp_out_means(tiny.model, tiny.processor, data.shapes_world(32, "train"))
+    kl = {name: R.token_match(tiny, replacement, samples, generate=False).kl for name, replacement in {
+        "clt": R.Replacement("clt", trained), "random": R.Replacement("clt", untrained),
+        "zero": R.Replacement("zero"), "mean": R.Replacement("mean", means=means)}.items()}
+    assert kl["clt"] < 0.5 * min(kl["zero"], kl["mean"]), kl
+    assert kl["random"] > 0.5 * min(kl["zero"], kl["mean"]), kl  # an untrained CLT is no better than ablating
+
+
+def test_open_loop_fvu_is_the_stores_fvu_and_closed_loop_compounds(tiny, trained, samples):
+    closed = R.token_match(tiny, R.Replacement("clt", trained), samples, generate=False)
+    opened = R.token_match(tiny, R.Replacement("clt", trained, loop="open"), samples, generate=False)
+    assert closed.fvu[0] == pytest.approx(opened.fvu[0], rel=1e-4)  # layer 0 sees the same input either way
+    assert len(closed.fvu) == tiny.n_layers and all(f > 0 for f in closed.fvu)
+
+
+def test_generation_metrics_are_computed(tiny, trained, samples):
+    match = R.token_match(tiny, R.Replacement("clt", trained), samples[:4])
+    assert 0 <= match.generated_token_agreement <= 1 and 0 <= match.generated_exact_match <= 1
+    assert set(match.accuracy_original) >= {"all"}
+
+
+def test_replacing_some_layers_only(tiny, trained, samples):
+    none_replaced = R.token_match(tiny, R.Replacement("clt", trained, layers=[]), samples, generate=False)
+    assert none_replaced.top1_text == 1.0 and abs(none_replaced.kl) < 1e-6
+
+
+def test_a_clt_of_another_model_is_refused(tiny):
+    other = CrossLayerTranscoder(CLTConfig(n_layers=tiny.n_layers + 1, d_model=tiny.d_model, expansion_factor=1, k=4))
+    with pytest.raises(ValueError, match="trained for 5 layers of width 64, the model has 4 layers"):
+        R.token_match(tiny, R.Replacement("clt", other), data.shapes_world(2, "val"))
+
+
+def test_empty_dataset_and_no_answers_are_refused(tiny, trained):
+    with pytest.raises(ValueError, match="dataset is empty"):
+        R.token_match(tiny, R.Replacement("clt", trained), [])
+    sample = data.shapes_world(1, "val")[0]
+    sample.answer = ""
+    with pytest.raises(ValueError, match="no answer positions"):
+        R.token_match(tiny, R.Replacement("zero"), [sample], generate=False)
+
+
+def test_bad_replacement_arguments():
+    with pytest.raises(ValueError, match="needs a trained CLT"):
+        R.Replacement("clt")
+    with pytest.raises(ValueError, match="mean ablation needs"):
+        R.Replacement("mean")
+    with pytest.raises(ValueError, match="unknown loop"):
+        R.Replacement("zero", loop="sideways")
+
+
+def test_hooks_are_gone_after_replacement(tiny, trained, samples):
+    batch = data.encode_batch(tiny.processor, samples[:2], with_answers=True)
+    with torch.no_grad():
+        before = tiny.model(**batch.model_inputs(tiny.model)).logits
+        with R.replaced(tiny.model, R.Replacement("clt", trained)):
+            tiny.model(**batch.model_inputs(tiny.model))
+        after = tiny.model(**batch.model_inputs(tiny.model)).logits
+    assert torch.equal(before, after)
+    assert len(sites.decoder_layers(tiny.model)) == tiny.n_layers
