@@ -190,9 +190,15 @@ def iter_shapes_world(
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     i = 0
     while n is None or i < n:
-        # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs.
-        yield make_sample(random.Random(f"shapesworld:{split}:{seed}:{i}"), world, family)
+        yield shapes_sample(i, split, seed, world, family)
         i += 1
+
+
+def shapes_sample(index: int, split: str = "train", seed: int = 0, world: WorldConfig = WorldConfig(),
+                  family: str | None = None) -> Sample:
+    """Sample `index` of a split's stream, rebuilt on its own (a pure function of its arguments)."""
+    # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs and machines.
+    return make_sample(random.Random(f"shapesworld:{split}:{seed}:{index}"), world, family)
 
 
 # ---------------------------------------------------------------- user data (JSONL)

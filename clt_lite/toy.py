@@ -223,3 +223,56 @@ def save_toy(model, processor, out: str | Path, config: ToyConfig, curve: list[d
     model.to(torch.float32)
     processor.save_pretrained(out)
     (out / "training.json").write_text(json.dumps({"config": asdict(config), "curve": curve}, indent=1))
+
+
+def model_card(folder: str | Path, accuracy: dict[str, float], n_per_family: int) -> str:
+    """README.md text for a saved toy: data, config, learning curve, held-out accuracy, rebuild command."""
+    folder = Path(folder)
+    record = json.loads((folder / "training.json").read_text())
+    config, curve = record["config"], record["curve"]
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != "README.md")
+    families = list(data.FAMILIES)
+    lines = [
+        "# tiny-llava-shapes",
+        "",
+        "A `LlavaForConditionalGeneration` at toy width (CLIP tower -> two-layer GELU projector -> Llama), trained",
+        "from scratch on ShapesWorld (`clt_lite.data`): 48x48 images, 1-3 shapes (circle, square, triangle) in",
+        "5 colours on a 3x3 grid, with questions about colour, shape at a position, count, existence",
+        "(hard negatives: colour and shape both present, never together) and a short description.",
+        "Weights are stored in float16; the accuracy below was measured on this float16 file.",
+        "",
+        "## Config",
+        "",
+        "| field | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in config.items()],
+        "",
+        f"## Held-out accuracy (test split, {n_per_family} questions per family, exact match of greedy answers)",
+        "",
+        "| " + " | ".join(families) + " | all |",
+        "|" + "---|" * (len(families) + 1),
+        "| " + " | ".join(f"{accuracy[f]:.3f}" for f in families) + f" | {accuracy['all']:.3f} |",
+        "",
+        "## Learning curve (validation split)",
+        "",
+        "| step | minutes | loss | " + " | ".join(families) + " |",
+        "|" + "---|" * (len(families) + 3),
+        *[f"| {c['step']} | {c['minutes']} | {c['loss']} | " + " | ".join(f"{c[f]:.2f}" for f in families) + " |" for c in curve],
+        "",
+        f"Folder size: {size / 2**20:.1f} MiB.",
+        "",
+        "## Why 16 layers, not 32",
+        "",
+        "LLaVA-1.5-7B's language model has 32 layers. Probes on this 2-core machine (recorded in the project's",
+        "issue, same data and architecture at 32 layers, AdamW, batch 32, 30 minutes, 0.51 s/step) reached",
+        "colour 0.70 / position 0.55 / count 1.00 / existence 0.86 at lr 2.5e-4 and 0.66 / 0.60 / 0.98 / 0.61 at",
+        "lr 1e-3, far from the 0.95 bar, while 16 layers reached 0.955 / 0.945 / 1.00 / 0.91 in the same time.",
+        "A 32-layer rebuild within 2 hours was not demonstrated, so the shipped toy has 16 layers; the CLT",
+        "notebooks are depth-agnostic and run unchanged on a 32-layer model.",
+        "",
+        "## Rebuild",
+        "",
+        "`python -m clt_lite toy train --out DIR` (seeded; resumable; uses CUDA when present), then",
+        "`python -m clt_lite toy eval --model DIR --json`.",
+    ]
+    return "\n".join(lines) + "\n"

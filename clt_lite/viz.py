@@ -36,10 +36,15 @@ def plot_site_norms(norms: dict[str, dict[str, torch.Tensor]], title: str = "act
     return fig
 
 
-def show_samples(samples, answers: list[str] | None = None, columns: int = 4):
-    """Images with their question, the reference answer and (optionally) the model's answer."""
+def show_samples(samples, answers: list[str] | dict[str, list[str]] | None = None, columns: int = 4):
+    """Images with their question, the reference answer and (optionally) models' answers.
+
+    answers: one list (the model's) or {model name: list} to compare several side by side.
+    """
+    if isinstance(answers, list):
+        answers = {"model": answers}
     rows = (len(samples) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(3.1 * columns, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.1 * columns, 3.4 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(samples):
@@ -47,10 +52,21 @@ def show_samples(samples, answers: list[str] | None = None, columns: int = 4):
         sample = samples[i]
         ax.imshow(sample.image, interpolation="nearest")
         lines = [sample.question, f"truth: {sample.answer}"]
-        if answers is not None:
-            mark = "ok" if answers[i] == sample.answer else "WRONG"
-            lines.append(f"model: {answers[i]} ({mark})")
+        for name, given in (answers or {}).items():
+            lines.append(f"{name}: {given[i]} ({'ok' if given[i] == sample.answer else 'WRONG'})")
         ax.set_title("\n".join(lines), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_by_layer(series: dict[str, list[float]], ylabel: str, title: str, xlabel: str = "layer", logy: bool = False):
+    """Several per-layer curves on one axis (agreement by depth, FVU by layer, ...)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for name, values in series.items():
+        ax.plot(range(len(values)), values, marker="o", markersize=3, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale="log" if logy else "linear")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     return fig
 
@@ -103,5 +119,40 @@ def plot_layer_metrics(results: dict[str, object]):
         ax.set(xlabel="layer", title=label)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def feature_card(top, samples, tokens: list[str], prompt_acts: torch.Tensor, profile: dict[int, float],
+                 world=None, columns: int = 6):
+    """One feature at a glance: top-activating samples (patch outlined), activation over a prompt, decoder norms."""
+    from matplotlib.patches import Rectangle
+
+    from .data import WorldConfig
+
+    world = world or WorldConfig()
+    fig = plt.figure(figsize=(13, 5.6))
+    grid = fig.add_gridspec(2, columns, height_ratios=[1, 1.1])
+    for i in range(columns):
+        ax = fig.add_subplot(grid[0, i])
+        ax.axis("off")
+        if i >= len(top):
+            continue
+        ax.imshow(samples[i].image, interpolation="nearest")
+        if top[i].patch is not None:
+            row, col = divmod(top[i].patch, world.patches_per_side)
+            size = world.patch_size
+            ax.add_patch(Rectangle((col * size - 0.5, row * size - 0.5), size, size, fill=False, edgecolor="black", linewidth=2))
+        where = f"patch {top[i].patch}" if top[i].patch is not None else f"{top[i].kind} pos {top[i].position}"
+        ax.set_title(f"{top[i].activation:.2f} at {where}\n{samples[i].question}", fontsize=7)
+    ax = fig.add_subplot(grid[1, : columns - 2])
+    keep = [i for i, t in enumerate(tokens) if t not in ("<pad>",)]
+    ax.bar(range(len(keep)), prompt_acts[keep].numpy(), color="tab:orange")
+    labels = [tokens[i] if tokens[i] != "<image>" else "" for i in keep]
+    ax.set_xticks(range(len(keep)), labels, rotation=90, fontsize=6)
+    ax.set(title="activation over the prompt (image tokens unlabelled)", ylabel="activation")
+    ax = fig.add_subplot(grid[1, columns - 2 :])
+    ax.bar(list(profile), list(profile.values()), color="tab:blue")
+    ax.set(title="decoder norm per target layer", xlabel="target layer")
     fig.tight_layout()
     return fig
