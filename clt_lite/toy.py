@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class ToyConfig:
     lr: float = 5e-4  # peak AdamW learning rate
     warmup: int = 200  # linear warm-up steps, then cosine decay to 10%
     residual_init_scale: bool = True  # scale o_proj/down_proj init by 1/sqrt(2L): helps deep stacks
+    cell_aux_weight: float = 1.0  # weight of an auxiliary loss: each projected patch predicts its cell's (shape, colour)
     seed: int = 0  # model init and sample stream
     eval_every: int = 500  # steps between held-out evaluations and checkpoints
     eval_per_family: int = 100  # validation questions per family at each evaluation
@@ -161,7 +163,10 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     device = resolve_device(device)
     processor = build_processor()
     model = build_model(config, processor).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    # The auxiliary head is a training aid only: it is checkpointed but not part of the saved LLaVA.
+    cell_head = torch.nn.Linear(config.d_model, 1 + len(data.SHAPES) * len(data.COLOURS)).to(device)
+    parameters = list(model.parameters()) + list(cell_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.01)
     checkpoint = out / "checkpoint"
     curve: list[dict] = []
     step = 0
@@ -170,6 +175,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
         if state["config"] != asdict(config):
             raise ValueError(f"{checkpoint} was made with another ToyConfig; use a new --out or delete it")
         model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)))
+        cell_head.load_state_dict(load_file(checkpoint / "cell_head.safetensors", device=str(device)))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
         step, curve = state["step"], state["curve"]
     validation = eval_set(config.eval_per_family, "val", config.seed)
@@ -180,15 +186,20 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     start_time = time.time()
     while step < config.steps:
         model.train()
-        batch = data.encode_batch(processor, [next(stream) for _ in range(config.batch_size)], with_answers=True)
+        samples = [next(stream) for _ in range(config.batch_size)]
+        batch = data.encode_batch(processor, samples, with_answers=True)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
-        logits = model(**batch.model_inputs(model)).logits[:, :-1]
+        with _projected_patches(model) as patches:
+            logits = model(**batch.model_inputs(model)).logits[:, :-1]
         labels = batch.input_ids[:, 1:].masked_fill(~batch.answer_mask[:, 1:], -100).to(device)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        if config.cell_aux_weight:
+            aux = torch.nn.functional.cross_entropy(cell_head(patches[0]).flatten(0, 1), cell_labels(samples).flatten().to(device))
+            loss = loss + config.cell_aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         step += 1
         bar.update(1)
@@ -197,7 +208,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
             accuracy = evaluate(model, processor, validation)
             curve.append({"step": step, "loss": round(loss.item(), 4), "minutes": round((time.time() - start_time) / 60, 2), **accuracy})
             bar.write(json.dumps(curve[-1]))
-            _save_checkpoint(model, optimizer, checkpoint, {"step": step, "config": asdict(config), "curve": curve}, save_file)
+            _save_checkpoint(model, cell_head, optimizer, checkpoint, {"step": step, "config": asdict(config), "curve": curve}, save_file)
             if min(v for k, v in accuracy.items() if k != "all") >= config.target_accuracy:
                 break
     bar.close()
@@ -205,15 +216,37 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     return {"steps": step, "curve": curve}
 
 
-def _save_checkpoint(model, optimizer, folder: Path, state: dict, save_file) -> None:
+def _save_checkpoint(model, cell_head, optimizer, folder: Path, state: dict, save_file) -> None:
     """Write the checkpoint files under temporary names, then rename (a kill leaves the old one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, folder / "model.safetensors.tmp")
+    for name, module in (("model", model), ("cell_head", cell_head)):
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, folder / f"{name}.safetensors.tmp")
     torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
     (folder / "state.json.tmp").write_text(json.dumps(state))
-    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+    for name in ("model.safetensors", "cell_head.safetensors", "optimizer.pt", "state.json"):
         os.replace(folder / f"{name}.tmp", folder / name)
+
+
+@contextmanager
+def _projected_patches(model):
+    """Collect the projector's output (the image patches as the language model receives them)."""
+    found: list[torch.Tensor] = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, output: found.append(output))
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
+def cell_labels(samples: list[data.Sample], world: data.WorldConfig = data.WorldConfig()) -> torch.Tensor:
+    """[batch, patches] class of each patch's cell: 0 empty, else 1 + shape * n_colours + colour."""
+    colours = list(data.COLOURS)
+    labels = torch.zeros(len(samples), world.patches_per_side**2, dtype=torch.long)
+    for i, sample in enumerate(samples):
+        for shape in sample.shapes:
+            label = 1 + data.SHAPES.index(shape.kind) * len(colours) + colours.index(shape.colour)
+            labels[i, world.cell_patches(shape.cell)] = label
+    return labels
 
 
 def save_toy(model, processor, out: str | Path, config: ToyConfig, curve: list[dict]) -> None:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clt_lite import cli
+from clt_lite import cli, data
 
 
 def _run(capsys, *argv) -> dict:
@@ -21,6 +21,12 @@ def test_capture_train_evaluate_end_to_end(tmp_path, capsys):
     assert 0 < trained["mean_fvu"] < 2 and trained["steps"] == 8
     evaluated = _run(capsys, "evaluate", "--model", "random:tiny", "--clt", str(clt), "--data", "shapes:4", "--device", "cpu")
     assert [row["name"] for row in evaluated["rows"]] == ["CLT", "MLP zero-ablation", "MLP mean-ablation"]
+    data.shapes_world(1)[0].image.save(tmp_path / "shapes.png")
+    graph = _run(capsys, "attribute", "--model", "random:tiny", "--clt", str(clt), "--image", str(tmp_path / "shapes.png"),
+                 "--prompt", "What color is the circle?", "--out", str(tmp_path / "graph.json"), "--device", "cpu")
+    assert graph["nodes"] > 36 and json.loads((tmp_path / "graph.json").read_text())["links"]
+    truth = _run(capsys, "attribute", "--model", "random:tiny", "--clt", str(clt), "--ground-truth", "6", "--device", "cpu")
+    assert 0 <= truth["graph_hit_rate"] <= 1 and truth["n"] > 0
 
 
 def test_plan_prints_the_llava_7b_numbers(capsys):

@@ -51,7 +51,7 @@ def test_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 
     real_save = toy._save_checkpoint
 
-    def save_then_die(*args, **kwargs):
+    def save_then_die(*args, **kwargs):  # a kill right after the first checkpoint
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 

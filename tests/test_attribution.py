@@ -1,0 +1,235 @@
+"""Attribution graphs on the random tiny LLaVA with a random CLT: the identities hold for any weights."""
+
+import json
+
+import matplotlib
+import pytest
+import torch
+
+from clt_lite import attribution as A
+from clt_lite import data, sites
+from clt_lite.clt import CLTConfig, CrossLayerTranscoder
+
+matplotlib.use("Agg")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return data.shapes_world(3, "test", seed=1, family="describe")
+
+
+def random_clt(tiny, samples, **options) -> CrossLayerTranscoder:
+    """A random CLT with scales and biases set from the model's own activations."""
+    config = CLTConfig(n_layers=tiny.n_layers, d_model=tiny.d_model, expansion_factor=4, k=8, **options)
+    encoded = data.encode_batch(tiny.processor, samples)
+    with torch.no_grad(), sites.capture(tiny.model, sites=(config.input_site, "mlp_out")) as captured:
+        tiny.model(**encoded.model_inputs(tiny.model))
+    mask = encoded.attention_mask.bool()
+    x, y = captured.stack(config.input_site)[mask], captured.stack("mlp_out")[mask]
+    torch.manual_seed(0)
+    model = CrossLayerTranscoder(config)
+    s_in, s_out = ((tiny.d_model / t.pow(2).sum(-1).mean(0)).sqrt() for t in (x, y))
+    model.set_scales(s_in, s_out)
+    model.initialize_from_batch(x * s_in[:, None], y * s_out[:, None])
+    return model
+
+
+@pytest.fixture(scope="module")
+def clt(tiny, samples):
+    return random_clt(tiny, samples)
+
+
+@pytest.fixture(scope="module")
+def local(tiny, clt, samples):
+    return A.LocalReplacement(tiny, clt, samples[0])
+
+
+@pytest.fixture(scope="module")
+def graph(tiny, clt, samples):
+    return A.attribute(tiny, clt, samples[0])
+
+
+def _real_logits(tiny, sample):
+    with torch.no_grad():
+        return tiny.model(**data.encode_batch(tiny.processor, [sample]).model_inputs(tiny.model)).logits[0]
+
+
+def test_local_replacement_reproduces_the_model(tiny, local, samples):
+    with torch.no_grad():
+        out = local.run()
+    assert torch.allclose(out.logits, _real_logits(tiny, samples[0]), atol=1e-4)
+    assert torch.allclose(torch.stack(out.inputs), local.recorded.inputs, atol=1e-4)
+
+
+def test_preactivation_is_sum_of_incoming_edges_plus_bias(graph, local, clt):
+    layer, pos, latent = graph.features.unbind(1)
+    x = local.recorded.inputs[:, pos].transpose(0, 1) * clt.input_scale[:, None]  # [n_f, L, d]
+    with torch.no_grad():
+        pre = clt.encode(x).pre_acts[torch.arange(len(pos)), layer, latent]
+    incoming = graph.adjacency[: graph.n_features].sum(1) + clt.b_enc.detach()[layer, latent]
+    assert torch.allclose(incoming, pre, atol=1e-4)
+    assert graph.adjacency[graph.error_start : graph.logit_start].abs().sum() == 0  # sources have no inputs
+
+
+def test_identities_hold_for_every_clt_option(tiny, samples):
+    """Partial cross-layer span, a skip connection, mlp_in as input site, post-encoder scales."""
+    clt = random_clt(tiny, samples, cross_layer=2, skip_connection=True, input_site="mlp_in", post_encoder_scale=True)
+    with torch.no_grad():
+        clt.W_skip.normal_(0, 0.05)
+        clt.post_enc_scale.uniform_(0.5, 1.5)
+    graph = A.attribute(tiny, clt, samples[0], max_n_logits=3)
+    local = A.LocalReplacement(tiny, clt, samples[0])
+    with torch.no_grad():
+        assert torch.allclose(local.run().logits, _real_logits(tiny, samples[0]), atol=1e-4)
+    incoming = graph.adjacency[: graph.n_features].sum(1) + clt.b_enc.detach()[graph.features[:, 0], graph.features[:, 2]]
+    assert torch.allclose(incoming, local.pre_acts, atol=1e-4)
+    assert torch.allclose(graph.adjacency[graph.logit_start :].sum(1), _frozen_targets(local, graph)[graph.n_features :], atol=1e-4)
+
+
+def test_demeaned_logit_is_sum_of_incoming_edges(graph, tiny, samples):
+    last = _real_logits(tiny, samples[0])[-1]
+    assert torch.allclose(graph.adjacency[graph.logit_start :].sum(1), (last - last.mean())[graph.logit_tokens], atol=1e-4)
+    assert graph.logit_tokens[0] == last.argmax()
+    assert 1 <= len(graph.logit_tokens) <= 10
+
+
+def _frozen_targets(local, graph, **scales) -> torch.Tensor:
+    with torch.no_grad():
+        out = local.run(**scales)
+    last = out.logits[-1]
+    return torch.cat([local.feature_reads(out.inputs), (last - last.mean())[graph.logit_tokens]])
+
+
+def test_adjacency_column_is_a_linear_intervention(graph, local):
+    rows = torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_start, graph.n_nodes)])
+    base = _frozen_targets(local, graph)
+    feature = int(graph.adjacency[:, : graph.n_features].abs().sum(0).argmax())
+    feature_scale = torch.ones(graph.n_features)
+    feature_scale[feature] = 0
+    change = _frozen_targets(local, graph, feature_scale=feature_scale) - base
+    assert torch.allclose(change, -graph.adjacency[rows, feature], atol=1e-4)
+    assert change.abs().max() > 1e-3  # the test would be vacuous otherwise
+
+    patch = int(graph.patch_nodes()[5])
+    embed_scale = torch.ones(graph.n_positions)
+    embed_scale[patch - graph.embed_start] = 0
+    change = _frozen_targets(local, graph, embed_scale=embed_scale) - base
+    assert torch.allclose(change, -graph.adjacency[rows, patch], atol=1e-4)
+
+    error_scale = torch.ones(graph.n_layers, graph.n_positions)
+    error_scale[1, graph.n_positions - 1] = 0
+    change = _frozen_targets(local, graph, error_scale=error_scale) - base
+    assert torch.allclose(change, -graph.adjacency[rows, graph.error_index(1, graph.n_positions - 1)], atol=1e-4)
+
+
+def test_prune_keeps_the_asked_fraction_and_all_logits(graph):
+    result = A.prune(graph, node_threshold=0.8, edge_threshold=1.0)
+    assert result.influence[result.node_mask].sum() >= 0.8 * result.influence.sum() - 1e-6
+    inner = slice(0, graph.embed_start)  # features and errors: kept by influence alone
+    dropped = result.influence[inner][~result.node_mask[inner]]
+    assert len(dropped) == 0 or dropped.max() <= result.influence[inner][result.node_mask[inner]].min()
+    assert result.node_mask[graph.embed_start :].all()
+    default = A.prune(graph)
+    assert default.node_mask[graph.logit_start :].all()
+    everything = A.prune(graph, node_threshold=1.0, edge_threshold=1.0)
+    assert default.node_mask.sum() <= result.node_mask.sum() < everything.node_mask.sum()
+    with pytest.raises(ValueError, match="node_threshold"):
+        A.prune(graph, node_threshold=1.5)
+
+
+def test_scores_and_patch_influence(graph):
+    scores = A.graph_scores(graph)
+    assert 0 <= scores.replacement <= 1 and 0 <= scores.completeness <= 1
+    patches = A.patch_influence(graph)
+    assert patches.shape == (36,) and (patches >= 0).all() and patches.sum() > 0
+
+
+def test_export_json_round_trips(graph, tmp_path):
+    path = tmp_path / "graph.json"
+    written = A.export_json(graph, path, node_threshold=0.95)
+    loaded = json.loads(path.read_text())
+    assert loaded == json.loads(json.dumps(written))
+    assert set(loaded) == {"metadata", "qParams", "nodes", "links"}
+    assert {"slug", "scan", "prompt_tokens", "prompt"} <= set(loaded["metadata"])
+    assert loaded["metadata"]["slug"] == "graph" and len(loaded["metadata"]["prompt_tokens"]) == graph.n_positions
+    required = {"node_id", "feature", "layer", "ctx_idx", "feature_type", "influence", "activation", "clerp",
+                "token_prob", "is_target_logit"}
+    assert all(required <= set(node) for node in loaded["nodes"])
+    kinds = {node["feature_type"] for node in loaded["nodes"]}
+    assert {"embedding", "logit", "cross layer transcoder"} <= kinds
+    assert kinds <= {"embedding", "logit", "cross layer transcoder", "mlp reconstruction error"}
+    ids = {node["node_id"] for node in loaded["nodes"]}
+    assert len(ids) == len(loaded["nodes"])
+    assert loaded["links"] and all(link["source"] in ids and link["target"] in ids for link in loaded["links"])
+    assert sum(node["is_target_logit"] for node in loaded["nodes"]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["graph.json"]  # no temporary left behind
+
+
+def test_bad_inputs(tiny, clt, samples):
+    sample = samples[0]
+    two_images = data.Sample(sample.image, "USER: <image> <image>\nWhat is this? ASSISTANT:", "", "prompt")
+    with pytest.raises(ValueError, match="<image>"):
+        A.attribute(tiny, clt, two_images)
+    with pytest.raises(ValueError, match="image"):
+        A.attribute(tiny, clt, data.Sample(None, sample.question, "", "prompt"))
+    with pytest.raises(ValueError, match="feature 999 out of range"):
+        A.intervene(tiny, clt, sample, 1, 5, 999, 0.0)
+    with pytest.raises(ValueError, match="layer 7 out of range"):
+        A.intervene(tiny, clt, sample, 7, 5, 3, 0.0)
+    with pytest.raises(ValueError, match="position 500 out of range"):
+        A.intervene(tiny, clt, sample, 1, 500, 3, 0.0)
+    with pytest.raises(ValueError, match="max_feature_nodes"):
+        A.attribute(tiny, clt, sample, max_feature_nodes=0)
+    wrong = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=64, expansion_factor=1, k=4))
+    with pytest.raises(ValueError, match="2 layers"):
+        A.attribute(tiny, clt=wrong, sample=sample)
+
+
+def test_other_image_sizes_are_resized(tiny, clt, samples):
+    """The processor resizes a 64x64 image to the 48px vision input: still 36 patch nodes."""
+    sample = samples[1]
+    bigger = data.Sample(sample.image.resize((64, 64)), sample.question, sample.answer, sample.family, sample.target_cells)
+    graph = A.attribute(tiny, clt, bigger, max_n_logits=2)
+    assert len(graph.patch_nodes()) == 36
+
+
+def test_feature_cap_keeps_the_strongest_and_stays_exact(tiny, clt, samples, local):
+    graph = A.attribute(tiny, clt, samples[0], max_feature_nodes=50, max_n_logits=2)
+    assert graph.n_features == 50 and graph.n_active_features > 50
+    capped = A.LocalReplacement(tiny, clt, samples[0], max_feature_nodes=50)
+    layer, _, latent = local.features.unbind(1)
+    strongest = (local.activations * local._raw_decoder_norms(layer, latent)).topk(50).indices
+    assert {tuple(f) for f in local.features[strongest].tolist()} == {tuple(f) for f in capped.features.tolist()}
+    incoming = graph.adjacency[:50].sum(1) + clt.b_enc.detach()[graph.features[:, 0], graph.features[:, 2]]
+    assert torch.allclose(incoming, capped.pre_acts, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(capped.run().logits, local.recorded.logits, atol=1e-4)
+
+
+def test_ground_truth_hit_rate(tiny, clt, samples):
+    result = A.ground_truth_hit_rate(tiny, clt, samples, max_n_logits=2)
+    assert result.n == 3 and set(result.per_family) == {"describe"}
+    assert 0 <= result.graph_hit_rate <= 1 and 0 <= result.gradient_hit_rate <= 1
+    with pytest.raises(ValueError, match="single-object"):
+        A.ground_truth_hit_rate(tiny, clt, data.shapes_world(1, "test", family="count"))
+
+
+def test_interventions(tiny, clt, samples, graph):
+    layer, position, latent = graph.features[int(A.feature_influence(graph).argmax())].tolist()
+    same = A.intervene(tiny, clt, samples[0], layer, position, latent, 1.0)
+    assert same.after == same.before == graph.logit_strings[0] and same.activation > 0
+    boosted = A.intervene(tiny, clt, samples[0], layer, position, latent, 50.0)
+    assert isinstance(boosted.after, str)
+    flips = A.ablation_flip_rate(tiny, clt, samples[:2], max_n_logits=2)
+    assert flips.n == 2 and 0 <= flips.rate <= 1
+
+
+def test_figures(graph):
+    from matplotlib.figure import Figure
+
+    from clt_lite import graph_viz
+
+    for fig in (graph_viz.draw_graph(graph), graph_viz.patch_heatmap(graph), graph_viz.top_features(graph)):
+        assert isinstance(fig, Figure)
+        matplotlib.pyplot.close(fig)
