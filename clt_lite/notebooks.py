@@ -54,7 +54,9 @@ def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure
 
     run_name = Path(config_path).stem
     if in_place:  # no parameters: papermill injects no cell, the committed source stays clean
-        parameters = {"figure_dir": figure_dir} if figure_dir else {}
+        if figure_dir is not None:
+            raise ValueError("--in-place runs the notebooks' own defaults; copy figures from runs/cpu/figures instead of --figures")
+        parameters = {}
     else:
         parameters = load_config(config_path)
         parameters.setdefault("run_dir", f"../runs/{run_name}")
