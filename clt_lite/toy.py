@@ -273,6 +273,7 @@ def model_card(folder: str | Path, accuracy: dict[str, float], n_per_family: int
         "5 colours on a 3x3 grid, with questions about colour, shape at a position, count, existence",
         "(hard negatives: colour and shape both present, never together) and a short description.",
         "Weights are stored in float16; the accuracy below was measured on this float16 file.",
+        f"These weights are the step-{curve[-1]['step']} checkpoint of the run configured below.",
         "",
         "## Config",
         "",
