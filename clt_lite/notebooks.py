@@ -69,7 +69,9 @@ def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure
         start = time.time()
         output = path if in_place else out_dir / path.name
         try:
-            papermill.execute_notebook(str(path), str(output), parameters=parameters, cwd=str(NOTEBOOK_DIR),
+            known = papermill.inspect_notebook(str(path))  # pass each notebook only its own parameters
+            papermill.execute_notebook(str(path), str(output), parameters={k: v for k, v in parameters.items() if k in known},
+                                       cwd=str(NOTEBOOK_DIR),
                                        kernel_name="python3", progress_bar=False)
         except PapermillExecutionError as error:
             raise RuntimeError(f"{path.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue} (executed copy: {output})") from None
