@@ -272,7 +272,7 @@ class LocalReplacement:
 
         All ones (the default) reproduces the original logits. Differentiable in the scales.
         """
-        rec, fz = self.recorded, self.frozen
+        rec = self.recorded
         L, S = len(self.blocks), rec.embeds.shape[0]
         ones = lambda *shape: torch.ones(*shape, device=self.device)  # noqa: E731
         feature_scale = ones(len(self.features)) if feature_scale is None else feature_scale
@@ -736,10 +736,7 @@ def intervene(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sampl
     """
     cfg = clt.config
     check_compatible(clt, loaded.model)
-    if not 0 <= layer < cfg.n_layers:
-        raise ValueError(f"layer {layer} out of range: the CLT has layers 0..{cfg.n_layers - 1}")
-    if not 0 <= feature < cfg.num_latents:
-        raise ValueError(f"feature {feature} out of range: the CLT has {cfg.num_latents} latents per layer (0..{cfg.num_latents - 1})")
+    clt.check_feature(layer, feature)
     rec = record(loaded, clt, sample)
     if not 0 <= position < len(rec.input_ids):
         raise ValueError(f"position {position} out of range: the prompt has {len(rec.input_ids)} tokens (0..{len(rec.input_ids) - 1})")

@@ -230,6 +230,13 @@ class CrossLayerTranscoder(nn.Module):
             values = values * self.post_enc_scale.expand(x.shape[0], -1, -1).gather(-1, indices)
         return Encoding(values, indices, pre)
 
+    def check_feature(self, layer: int, feature: int) -> None:
+        """One-line errors for a layer or feature index this CLT does not have."""
+        if not 0 <= layer < self.config.n_layers:
+            raise ValueError(f"layer {layer} out of range: the CLT has layers 0..{self.config.n_layers - 1}")
+        if not 0 <= feature < self.config.num_latents:
+            raise ValueError(f"feature {feature} out of range: layer {layer} has features 0..{self.config.num_latents - 1}")
+
     def encode_layer(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """One layer's latents for x [N, d] (normalised): (values [N, k'], indices [N, k']).
 

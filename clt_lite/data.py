@@ -314,6 +314,15 @@ class EncodedBatch:
     pixel_values: "torch.Tensor | None"  # [batch, 3, H, W] normalised pixels
     answer_mask: "torch.Tensor"  # [batch, seq] bool: answer tokens incl. EOS (empty without answers)
 
+    def answers_correct(self, logits: "torch.Tensor") -> "torch.Tensor":
+        """[batch] bool: the argmax at every answer position (EOS included) is the reference token.
+
+        Equals greedy exact match without running generate(): greedy decoding reproduces the
+        answer iff each of its tokens is the argmax given the correct ones before it.
+        """
+        predicted = logits[:, :-1].argmax(-1).cpu()  # the prediction for token t sits at position t-1
+        return ((predicted == self.input_ids[:, 1:]) | ~self.answer_mask[:, 1:]).all(dim=1)
+
     def model_inputs(self, model) -> dict:
         """Keyword arguments for model(...), on the model's device and dtype."""
         parameter = next(model.parameters())

@@ -16,14 +16,6 @@ from .clt import CrossLayerTranscoder
 from .store import ActivationStore
 
 
-def check_feature(clt: CrossLayerTranscoder, layer: int, feature: int) -> None:
-    """One-line errors for a layer or feature index the CLT does not have."""
-    if not 0 <= layer < clt.config.n_layers:
-        raise ValueError(f"layer {layer} out of range: the CLT has layers 0..{clt.config.n_layers - 1}")
-    if not 0 <= feature < clt.config.num_latents:
-        raise ValueError(f"feature {feature} out of range: layer {layer} has features 0..{clt.config.num_latents - 1}")
-
-
 class TopActivation(NamedTuple):
     """One store row where the feature fires strongly."""
 
@@ -39,7 +31,7 @@ class TopActivation(NamedTuple):
 def top_activations(store: ActivationStore, clt: CrossLayerTranscoder, layer: int, feature: int,
                     n: int = 8, max_rows: int = 50_000, chunk: int = 4096) -> list[TopActivation]:
     """The n store rows (of the first max_rows, BOS excluded) with the highest activation of a feature."""
-    check_feature(clt, layer, feature)
+    clt.check_feature(layer, feature)
     rows = min(max_rows, store.n_tokens)
     values = torch.zeros(rows)
     for start in range(0, rows, chunk):
@@ -57,7 +49,7 @@ def top_activations(store: ActivationStore, clt: CrossLayerTranscoder, layer: in
 def activation_over_prompt(loaded: models.LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample,
                            layer: int, feature: int) -> tuple[list[str], torch.Tensor]:
     """The feature's activation at every token of a sample's prompt + answer: (tokens, [seq] values)."""
-    check_feature(clt, layer, feature)
+    clt.check_feature(layer, feature)
     batch = data.encode_batch(loaded.processor, [sample], with_answers=True)
     site = clt.config.input_site
     with sites.capture(loaded.model, sites=[site], layers=[layer]) as captured:
@@ -70,7 +62,7 @@ def activation_over_prompt(loaded: models.LoadedModel, clt: CrossLayerTranscoder
 
 def decoder_norm_profile(clt: CrossLayerTranscoder, layer: int, feature: int) -> dict[int, float]:
     """Norm of the feature's decoder vector to each target layer it writes (raw units: scales folded in)."""
-    check_feature(clt, layer, feature)
+    clt.check_feature(layer, feature)
     vectors = clt.W_dec[layer][feature].detach().float()  # [n_targets, d]
     scales = clt.target_scale[layer : layer + vectors.shape[0]].float()
     return {layer + j: float(v.norm() / s) for j, (v, s) in enumerate(zip(vectors, scales))}
@@ -84,7 +76,7 @@ def steered(model, clt: CrossLayerTranscoder, layer: int, feature: int, scale: f
     (scale - 1) * a * its decoder vector is added to every MLP output it writes to.
     scale=0 ablates the feature, scale=1 changes nothing, scale>1 amplifies it.
     """
-    check_feature(clt, layer, feature)
+    clt.check_feature(layer, feature)
     last = layer + clt.config.n_targets(layer) - 1
     delta: dict[str, torch.Tensor] = {}
 

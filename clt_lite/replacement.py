@@ -251,9 +251,7 @@ def _score_batch(sums, hits, chunk, batch, original, patched, image_token_id) ->
     sums["n_text"] += int(text.sum())
     sums["n_answer"] += int(answer.sum())
     sums["n_filtered"] += int(filtered.sum())
-    # greedy exact match == every answer token (EOS included) is the argmax under teacher forcing
-    right_original = ((log_p.argmax(-1) == targets) | ~answer).all(1)
-    right_patched = ((log_q.argmax(-1) == targets) | ~answer).all(1)
+    right_original, right_patched = batch.answers_correct(original), batch.answers_correct(patched)
     for sample, a, b in zip(chunk, right_original.tolist(), right_patched.tolist()):
         hits.setdefault(sample.family, []).append((a, b))
 

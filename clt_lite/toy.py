@@ -114,21 +114,14 @@ def build_model(config: ToyConfig, processor, world: data.WorldConfig = data.Wor
 def evaluate(model, processor, samples: list[data.Sample], batch_size: int = 64) -> dict[str, float]:
     """Exact-match accuracy per question family (and 'all').
 
-    Uses one teacher-forced forward pass: a greedy answer equals the reference exactly
-    iff the argmax at every answer position (EOS included) is the reference token, so
-    this is greedy exact match without running generate().
+    One teacher-forced forward pass per batch (EncodedBatch.answers_correct).
     """
     model.eval()
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         batch = data.encode_batch(processor, chunk, with_answers=True)
-        logits = model(**batch.model_inputs(model)).logits
-        # the prediction for token t sits at position t-1
-        predicted = logits[:, :-1].argmax(-1)
-        targets = batch.input_ids[:, 1:]
-        answer = batch.answer_mask[:, 1:]
-        correct = ((predicted == targets) | ~answer).all(dim=1)
+        correct = batch.answers_correct(model(**batch.model_inputs(model)).logits)
         for sample, ok in zip(chunk, correct.tolist()):
             hits.setdefault(sample.family, []).append(ok)
     result = {family: sum(v) / len(v) for family, v in sorted(hits.items())}

@@ -18,7 +18,7 @@ def save_figure(fig, figure_dir: str | Path, name: str) -> Path:
 
 
 def site_norms(per_site: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Mean L2 norm per layer, per site ([batch, seq, layers, d] tensors), per token kind (bool [batch, seq] masks)."""
+    """Mean L2 norm per layer, per site ([..., layers, d] tensors), per token kind (bool [...] masks)."""
     return {site: {kind: acts[mask].norm(dim=-1).mean(0) for kind, mask in masks.items()} for site, acts in per_site.items()}
 
 
@@ -78,11 +78,7 @@ def store_site_norms(store, max_rows: int = 20000) -> dict[str, dict[str, torch.
     rows = min(max_rows, store.n_tokens)
     kinds = torch.from_numpy(store.metadata.kind[:rows].astype("int64"))
     bos = torch.from_numpy(store.metadata.bos[:rows])
-    acts = store.tokens(slice(0, rows))
-    return {
-        site: {kind: values[(kinds == KINDS.index(kind)) & ~bos].norm(dim=-1).mean(0) for kind in KINDS}
-        for site, values in acts.items()
-    }
+    return site_norms(store.tokens(slice(0, rows)), {kind: (kinds == KINDS.index(kind)) & ~bos for kind in KINDS})
 
 
 def plot_clt_structure(n_layers: int, cross_layers: dict[str, int]):
