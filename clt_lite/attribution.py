@@ -728,59 +728,104 @@ class Intervention(NamedTuple):
 
 def intervene(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample, layer: int, position: int,
               feature: int, scale: float) -> Intervention:
-    """Scale one feature's activation in the real (unfrozen) model and read the new top answer token.
+    """Scale one feature's activation in the real (unfrozen) model and read the new top answer token."""
+    return intervene_many(loaded, clt, sample, [(layer, position, feature)], scale)
 
-    Adds (scale - 1) a W_dec[layer->t] / target_scale[t] to mlp_out[t] at `position` for every target t
-    the feature writes; everything downstream is recomputed by the real model. The answer is the
-    argmax at the last prompt position (the first answer token).
+
+def intervene_many(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample,
+                   features: Sequence[tuple[int, int, int]], scale: float) -> Intervention:
+    """Scale several features (layer, position, latent) at once in the real model; read the new answer token.
+
+    For each feature, adds (scale - 1) a W_dec[layer->t] / target_scale[t] to mlp_out[t] at its
+    position for every target t it writes, a being its activation in the original pass; everything
+    downstream is recomputed by the real model. The answer is the argmax at the last prompt position
+    (the first answer token). `activation` in the result is the summed activation of the features.
     """
     cfg = clt.config
     check_compatible(clt, loaded.model)
-    clt.check_feature(layer, feature)
+    if not features:
+        raise ValueError("intervene_many needs at least one (layer, position, latent) feature")
     rec = record(loaded, clt, sample)
-    if not 0 <= position < len(rec.input_ids):
-        raise ValueError(f"position {position} out of range: the prompt has {len(rec.input_ids)} tokens (0..{len(rec.input_ids) - 1})")
+    x = rec.inputs.to(clt.b_dec.device, clt.b_dec.dtype) * clt.input_scale.to(clt.b_dec.dtype)[:, None, None]
+    delta: dict[int, Tensor] = {}
+    total = 0.0
     with torch.no_grad():
-        x = rec.inputs[:, position].to(clt.b_dec.device, clt.b_dec.dtype) * clt.input_scale.to(clt.b_dec.dtype)[:, None]
-        enc = clt.encode(x[None])
-        hit = enc.indices[0, layer] == feature
-        activation = float((enc.values[0, layer] * hit).sum())
-        W = clt.W_dec[layer][feature].float() / clt.target_scale[layer : layer + cfg.n_targets(layer), None].float()
-    delta = {layer + offset: (scale - 1) * activation * W[offset] for offset in range(len(W))}
+        for layer, position, feature in features:
+            clt.check_feature(layer, feature)
+            if not 0 <= position < len(rec.input_ids):
+                raise ValueError(f"position {position} out of range: the prompt has {len(rec.input_ids)} tokens "
+                                 f"(0..{len(rec.input_ids) - 1})")
+            values, indices = clt.encode_layer(layer, x[layer, position][None])
+            activation = float((values[0] * (indices[0] == feature)).sum())
+            total += activation
+            W = clt.W_dec[layer][feature].float() / clt.target_scale[layer : layer + cfg.n_targets(layer), None].float()
+            for offset in range(len(W)):
+                target = delta.setdefault(layer + offset, torch.zeros(len(rec.input_ids), W.shape[-1]))
+                target[position] += (scale - 1) * activation * W[offset].cpu()
 
     def patch(l: int, mlp_out: Tensor, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
-        out = mlp_out.clone()
-        out[:, position] += delta[l].to(out)
-        return out
+        return mlp_out + delta[l].to(mlp_out)
 
     model = loaded.model
     encoded = _encode_sample(loaded, sample)
     with torch.no_grad(), sites.patch_mlp_out(model, patch, layers=sorted(delta)):
         after = int(model(**encoded.model_inputs(model)).logits[0, -1].argmax())
     decode = loaded.processor.tokenizer.decode
-    return Intervention(decode([int(rec.logits[-1].argmax())]).strip(), decode([after]).strip(), activation)
+    return Intervention(decode([int(rec.logits[-1].argmax())]).strip(), decode([after]).strip(), total)
+
+
+def ranked_features(graph: AttributionGraph, logit: int = 0) -> list[tuple[int, int, int]]:
+    """The graph's features as (layer, position, latent), most influential on the logit first."""
+    order = feature_influence(graph, logit).argsort(descending=True)
+    return [tuple(graph.features[i].tolist()) for i in order]
+
+
+class AblationCurve(NamedTuple):
+    """The answer as the graph's top-n features are ablated together, n = 1..len(answers)."""
+
+    before: str  # the original answer token
+    answers: list[str]  # answers[n - 1]: the answer with the top n features ablated
+    first_flip: int | None  # smallest n whose ablation changes the answer (None: none up to the end)
+
+
+def ablation_curve(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample, graph: AttributionGraph,
+                   max_features: int = 32) -> AblationCurve:
+    """Ablate the top 1, 2, ..., max_features features of the graph jointly in the real model.
+
+    One feature rarely decides an answer on its own (the model is redundant); the curve shows how
+    many of the graph's most influential features must go before the answer changes.
+    """
+    ranked = ranked_features(graph)[:max_features]
+    results = [intervene_many(loaded, clt, sample, ranked[:n], 0.0) for n in range(1, len(ranked) + 1)]
+    if not results:
+        raise ValueError("the graph has no feature nodes to ablate")
+    answers = [r.after for r in results]
+    first = next((n for n, answer in enumerate(answers, 1) if answer != results[0].before), None)
+    return AblationCurve(results[0].before, answers, first)
 
 
 class FlipRate(NamedTuple):
-    rate: float  # fraction of samples whose answer token changed when the top feature was ablated
+    rate: float  # fraction of samples whose answer token changed when the top feature alone was ablated
     n: int  # samples evaluated
+    first_flips: list[int | None]  # per sample: fewest top features whose joint ablation changes the answer
+
+    def within(self, n_features: int) -> float:
+        """Fraction of samples whose answer changes once their top n_features are ablated together."""
+        return sum(f is not None and f <= n_features for f in self.first_flips) / self.n
 
 
 def ablation_flip_rate(loaded: LoadedModel, clt: CrossLayerTranscoder, samples: Sequence[data.Sample],
-                       **attribute_kwargs) -> FlipRate:
-    """For each sample, zero the feature with the most influence on the model's own answer token and
-    count how often that answer changes (a causal check that graph influence means something)."""
+                       max_features: int = 16, **attribute_kwargs) -> FlipRate:
+    """For each sample, ablate the graph's most influential features on the model's own answer token
+    (the top one, then the top 2, ... up to max_features, jointly) and record when the answer first
+    changes: a causal check that graph influence means something in the real model."""
     if not samples:
         raise ValueError("ablation_flip_rate needs at least one sample")
-    flips = 0
+    first_flips: list[int | None] = []
     for sample in samples:
         graph = attribute(loaded, clt, sample, **attribute_kwargs)
-        if graph.n_features == 0:
-            continue
-        layer, position, latent = graph.features[int(feature_influence(graph).argmax())].tolist()
-        result = intervene(loaded, clt, sample, layer, position, latent, 0.0)
-        flips += result.after != result.before
-    return FlipRate(flips / len(samples), len(samples))
+        first_flips.append(ablation_curve(loaded, clt, sample, graph, max_features).first_flip if graph.n_features else None)
+    return FlipRate(sum(f == 1 for f in first_flips) / len(samples), len(samples), first_flips)
 
 
 # ------------------------------------------------------------------------------------- export

@@ -36,11 +36,11 @@ def _cmd_toy(args) -> dict:
     return {"model": args.model, "per_family": args.per_family, "accuracy": accuracy}
 
 
-def _clt_config(args, n_layers: int, d_model: int):
+def _clt_config(args, n_layers: int, d_model: int, input_site: str = "resid_mid"):
     from .clt import CLTConfig
 
     return CLTConfig(n_layers=n_layers, d_model=d_model, expansion_factor=args.expansion, k=args.k,
-                     cross_layer=args.cross_layer, activation=args.activation)
+                     cross_layer=args.cross_layer, activation=args.activation, input_site=input_site)
 
 
 def _cmd_plan(args) -> dict:
@@ -61,7 +61,8 @@ def _cmd_capture(args) -> dict:
 
     loaded = models.load(args.model, device=args.device)
     samples = data.parse_data_spec(args.data, "train", args.seed)
-    summary = capture(loaded, samples, args.out, CaptureConfig(dtype=args.dtype, max_tokens=args.tokens),
+    config = CaptureConfig(dtype=args.dtype, max_tokens=args.tokens, input_sites=tuple(args.input_sites))
+    summary = capture(loaded, samples, args.out, config,
                       data_id=f"{args.data}:seed{args.seed}", progress=not args.json)
     print(f"{summary.tokens:,} tokens in {summary.shards} shards at {args.out} ({summary.mb_per_s:.1f} MB/s)")
     return summary._asdict()
@@ -71,9 +72,10 @@ def _cmd_train(args) -> dict:
     from .store import ActivationStore
     from .train import TrainConfig, train
 
-    source = ActivationStore(args.acts)
+    source = ActivationStore(args.acts, input_site=args.input_site)
     config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed)
-    result = train(_clt_config(args, source.n_layers, source.d_model), config, source, args.out, progress=not args.json)
+    clt_config = _clt_config(args, source.n_layers, source.d_model, source.input_site)
+    result = train(clt_config, config, source, args.out, progress=not args.json)
     mean_fvu, mean_l0 = sum(result.fvu) / len(result.fvu), sum(result.l0) / len(result.l0)
     print(f"CLT saved to {args.out}: mean val FVU {mean_fvu:.3f}, mean L0 {mean_l0:.1f}, {result.tokens_per_s:,.0f} tokens/s")
     return {"out": str(args.out), "mean_fvu": mean_fvu, "mean_l0": mean_l0, **result._asdict(), "history": None}
@@ -154,11 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--tokens", type=int, help="stop after this many tokens")
     ca.add_argument("--out", required=True, type=Path)
     ca.add_argument("--dtype", default="float16", help="on-disk dtype: float16, bfloat16 or float32")
+    ca.add_argument("--input-sites", nargs="+", default=["mlp_in"], choices=["mlp_in", "resid_mid"],
+                    help="CLT input site(s) to store: mlp_in (after the norm; default, see notebook 04) and/or resid_mid")
     ca.add_argument("--device", default="auto")
     ca.add_argument("--seed", type=int, default=0)
 
     tr = command("train", "train a CLT on a captured store (resumes from its checkpoints)", _cmd_train)
     tr.add_argument("--acts", required=True, type=Path, help="store folder written by capture")
+    tr.add_argument("--input-site", choices=["mlp_in", "resid_mid"],
+                    help="which stored site the CLT reads (default: the store's first)")
     clt_options(tr)
     tr.add_argument("--tokens", type=int, default=2**19, help="training tokens")
     tr.add_argument("--batch-size", type=int, default=1024)

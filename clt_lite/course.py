@@ -25,11 +25,20 @@ def cache_path(run_dir: str | Path, kind: str, **key) -> Path:
     return Path(run_dir) / f"{kind}-{digest}"
 
 
+# The course's CLTs read mlp_in; resid_mid is stored too so notebooks 03-04 can show why (image tokens'
+# residual stream is ~60x larger than text's at layer 0, so one scale per layer drowns the text).
+COURSE_INPUT_SITES = ("mlp_in", "resid_mid")
+
+
 def capture_shapes(loaded, n_samples: int, run_dir: str | Path, seed: int = 0, dtype: str = "float16",
                    progress: bool = True) -> tuple[ActivationStore, CaptureSummary]:
-    """Activations of n ShapesWorld training samples (all layers, resid_mid + mlp_out), cached."""
-    config = CaptureConfig(dtype=dtype)
-    path = cache_path(run_dir, "acts", model=loaded.name, n_samples=n_samples, seed=seed, dtype=dtype)
+    """Activations of n ShapesWorld training samples (all layers, mlp_in + resid_mid + mlp_out), cached.
+
+    The store is opened reading mlp_in; `ActivationStore(store.path, "resid_mid")` reads the other site.
+    """
+    config = CaptureConfig(dtype=dtype, input_sites=COURSE_INPUT_SITES)
+    path = cache_path(run_dir, "acts", model=loaded.name, n_samples=n_samples, seed=seed, dtype=dtype,
+                      input_sites=COURSE_INPUT_SITES)
     samples = data.iter_shapes_world(n_samples, "train", seed)
     summary = capture(loaded, samples, path, config, data_id=f"shapes:{n_samples}:seed{seed}", progress=progress)
     return ActivationStore(path), summary

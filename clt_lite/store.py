@@ -670,6 +670,10 @@ class StreamingSource:
         return self.loaded.d_model
 
     @property
+    def input_site(self) -> str:
+        return self.config.input_sites[0]
+
+    @property
     def input_scale(self) -> Tensor:
         return self._estimate_scales()[0]
 

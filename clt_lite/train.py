@@ -43,6 +43,7 @@ class ActivationSource(Protocol):
 
     n_layers: int
     d_model: int
+    input_site: str  # the site the inputs come from ("resid_mid" or "mlp_in"); must match the CLT config
     input_scale: Tensor  # [L] normalised = raw * scale
     target_scale: Tensor  # [L]
 
@@ -234,6 +235,11 @@ def _check_source(source: ActivationSource, clt_config: CLTConfig, train_config:
         raise ValueError(
             f"activation source has {source.n_layers} layers of width {source.d_model} but the CLT config expects "
             f"{clt_config.n_layers} x {clt_config.d_model}; use a matching store or config"
+        )
+    if source.input_site != clt_config.input_site:
+        raise ValueError(
+            f"activation source reads {source.input_site} but the CLT config says input_site={clt_config.input_site!r}; "
+            "set the config's input_site to the source's (or capture that site)"
         )
     if train_config.batch_size % world:
         raise ValueError(f"batch_size {train_config.batch_size} is not divisible by the {world} data-parallel ranks")

@@ -221,8 +221,27 @@ def test_interventions(tiny, clt, samples, graph):
     assert same.after == same.before == graph.logit_strings[0] and same.activation > 0
     boosted = A.intervene(tiny, clt, samples[0], layer, position, latent, 50.0)
     assert isinstance(boosted.after, str)
-    flips = A.ablation_flip_rate(tiny, clt, samples[:2], max_n_logits=2)
-    assert flips.n == 2 and 0 <= flips.rate <= 1
+    flips = A.ablation_flip_rate(tiny, clt, samples[:2], max_features=3, max_n_logits=2)
+    assert flips.n == 2 and 0 <= flips.rate <= flips.within(3) <= 1 and len(flips.first_flips) == 2
+
+
+def test_joint_ablation(tiny, clt, samples, graph):
+    ranked = A.ranked_features(graph)
+    assert len(ranked) == graph.n_features
+    assert ranked[0] == tuple(graph.features[int(A.feature_influence(graph).argmax())].tolist())
+    # one feature through intervene_many is exactly intervene
+    assert A.intervene_many(tiny, clt, samples[0], ranked[:1], 0.0) == A.intervene(tiny, clt, samples[0], *ranked[0], 0.0)
+    unchanged = A.intervene_many(tiny, clt, samples[0], ranked[:5], 1.0)
+    assert unchanged.after == unchanged.before and unchanged.activation > 0
+    curve = A.ablation_curve(tiny, clt, samples[0], graph, max_features=4)
+    assert len(curve.answers) == 4 and curve.before == unchanged.before
+    if curve.first_flip is None:
+        assert all(answer == curve.before for answer in curve.answers)
+    else:
+        assert curve.answers[curve.first_flip - 1] != curve.before
+        assert all(answer == curve.before for answer in curve.answers[: curve.first_flip - 1])
+    with pytest.raises(ValueError, match="at least one"):
+        A.intervene_many(tiny, clt, samples[0], [], 0.0)
 
 
 def test_figures(graph):
