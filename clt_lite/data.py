@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -152,6 +152,18 @@ def _binding_negatives(shapes: list[Shape]) -> list[tuple[str, str]]:
     """(colour, shape) pairs whose colour and shape are both present, but never together."""
     present = {(s.colour, s.kind) for s in shapes}
     return sorted((s.colour, t.kind) for s in shapes for t in shapes if (s.colour, t.kind) not in present)
+
+
+def easy_negative(sample: Sample, rng: random.Random) -> Sample:
+    """The same image asked "Is there a <colour> <shape>?" where the colour or the shape is absent ("no").
+
+    A training curriculum aid for the toy, never used in evaluation: answering these only needs
+    "is this colour here, is this shape here", a stepping stone to the binding the hard negatives test.
+    """
+    colours, kinds = {s.colour for s in sample.shapes}, {s.kind for s in sample.shapes}
+    colour, kind = rng.choice([(c, k) for c in COLOURS for k in SHAPES if c not in colours or k not in kinds])
+    cells = [s.cell for s in sample.shapes if s.colour == colour or s.kind == kind]
+    return replace(sample, question=f"Is there a {colour} {kind}?", answer="no", target_cells=cells)
 
 
 def _well_posed(shapes: list[Shape], family: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -47,6 +48,8 @@ class ToyConfig:
     warmup: int = 200  # linear warm-up steps, then cosine decay to 10%
     residual_init_scale: bool = True  # scale o_proj/down_proj init by 1/sqrt(2L): helps deep stacks
     cell_aux_weight: float = 1.0  # weight of an auxiliary loss: each projected patch predicts its cell's (shape, colour)
+    easy_negatives_until: float = 0.5  # curriculum: existence "no" questions start as easy negatives (colour or shape
+    # absent) and are replaced by the hard, binding-only ones linearly until this fraction of the steps; 0 = hard only
     seed: int = 0  # model init and sample stream
     eval_every: int = 500  # steps between held-out evaluations and checkpoints
     eval_per_family: int = 100  # validation questions per family at each evaluation
@@ -179,7 +182,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     start_time = time.time()
     while step < config.steps:
         model.train()
-        samples = [next(stream) for _ in range(config.batch_size)]
+        samples = _curriculum([next(stream) for _ in range(config.batch_size)], config, step)
         batch = data.encode_batch(processor, samples, with_answers=True)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
@@ -207,6 +210,19 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     bar.close()
     save_toy(model, processor, out, config, curve)
     return {"steps": step, "curve": curve}
+
+
+def _curriculum(samples: list[data.Sample], config: ToyConfig, step: int) -> list[data.Sample]:
+    """Swap hard existence negatives for easy ones with a probability falling from 1 to 0 over the curriculum.
+
+    Seeded by (seed, step), so a resumed run sees the same batches.
+    """
+    if config.easy_negatives_until <= 0:
+        return samples
+    p_easy = max(0.0, 1.0 - step / (config.easy_negatives_until * config.steps))
+    rng = random.Random(f"toy-curriculum:{config.seed}:{step}")
+    return [data.easy_negative(s, rng) if s.family == "exists" and s.answer == "no" and rng.random() < p_easy else s
+            for s in samples]
 
 
 def _save_checkpoint(model, cell_head, optimizer, folder: Path, state: dict, save_file) -> None:

@@ -1,6 +1,7 @@
 """ShapesWorld: determinism, splits, well-posed questions, ground truth, user data errors."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -47,6 +48,16 @@ def test_existence_negatives_are_hard():
         colour, kind = s.question.removeprefix("Is there a ").removesuffix("?").split()
         assert (colour, kind) not in {(t.colour, t.kind) for t in s.shapes}
         assert colour in {t.colour for t in s.shapes} and kind in {t.kind for t in s.shapes}
+
+
+def test_easy_negatives_miss_a_colour_or_a_shape():
+    """The curriculum's easy 'no': the colour or the shape asked about is absent from the image."""
+    rng = random.Random(0)
+    for s in data.shapes_world(60, "train", family="exists"):
+        easy = data.easy_negative(s, rng)
+        colour, kind = easy.question.removeprefix("Is there a ").removesuffix("?").split()
+        assert easy.answer == "no" and easy.image is s.image
+        assert colour not in {t.colour for t in s.shapes} or kind not in {t.kind for t in s.shapes}
 
 
 def test_ground_truth_cells_map_to_patches():

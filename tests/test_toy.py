@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clt_lite import cli, models, toy
+from clt_lite import cli, data, models, toy
 
 BAR = 0.95  # held-out exact-match accuracy required on every question family
 
@@ -83,6 +83,17 @@ def test_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_existence_curriculum_fades_from_easy_to_hard_negatives():
+    batch = data.shapes_world(400, "train", family="exists")
+    config = toy.ToyConfig(steps=100, easy_negatives_until=0.5)
+    swapped = [sum(a.question != b.question for a, b in zip(batch, toy._curriculum(batch, config, step)))
+               for step in (0, 25, 50, 99)]
+    negatives = sum(s.answer == "no" for s in batch)
+    assert swapped[0] == negatives and 0 < swapped[1] < negatives and swapped[2] == swapped[3] == 0
+    assert toy._curriculum(batch, config, 25) == toy._curriculum(batch, config, 25)  # seeded: resumable
+    assert toy._curriculum(batch, toy.ToyConfig(easy_negatives_until=0.0), 0) == batch
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
