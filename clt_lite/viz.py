@@ -28,8 +28,9 @@ def plot_site_norms(norms: dict[str, dict[str, torch.Tensor]], title: str = "act
     for ax, (site, by_kind) in zip(axes[0], norms.items()):
         for kind, values in by_kind.items():
             ax.plot(range(len(values)), values.float().numpy(), marker="o", markersize=3, label=f"{kind} tokens")
-        # log scale: at layer 0 image and text tokens differ ~60x in resid_mid, the point notebook 02 makes
-        ax.set(title=site, xlabel="decoder layer", ylabel="mean L2 norm", yscale="log")
+        # log scale where norms span decades (resid_mid: image vs text tokens at layer 0, notebook 02's point)
+        spread = max(float(v.max()) for v in by_kind.values()) / max(min(float(v.min()) for v in by_kind.values()), 1e-12)
+        ax.set(title=site, xlabel="decoder layer", ylabel="mean L2 norm", yscale="log" if spread > 10 else "linear")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.suptitle(title)
