@@ -16,11 +16,11 @@ def shipped():
     return models.load("tiny-llava-shapes", device="cpu")
 
 
-# The shipped toy (step 4000 of a 6000-step schedule, stopped for session time) does not meet
-# the bar yet: on this held-out set colour 1.00, count 1.00, describe 0.91, shape 0.91 and
-# exists 0.45 (it answers "no" to every existence question). Issue 3 stays open until it does.
+# The shipped toy (6000 steps of `toy train`, existence curriculum) meets the bar on four families:
+# on this held-out set colour, count, describe and shape 1.00, but exists 0.45 (the colour-shape
+# binding of the hard negatives is not learned). Issue 3 stays open until it is.
 # strict=True: once a retrained toy passes, this test fails and the marker must go.
-SHIPPED_FLOOR = {"colour": 0.95, "count": 0.95, "describe": 0.86, "shape": 0.86}  # measured minus 0.05
+SHIPPED_FLOOR = {"colour": 0.95, "count": 0.95, "describe": 0.95, "shape": 0.95}  # measured minus 0.05
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def held_out_accuracy(shipped):
     return toy.evaluate(shipped.model, shipped.processor, toy.eval_set(100, "test"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3: the shipped toy is below the 0.95 bar on describe, shape and exists")
+@pytest.mark.xfail(strict=True, reason="issue 3: the shipped toy is below the 0.95 bar on exists (0.45)")
 def test_shipped_toy_meets_the_bar_on_held_out_questions(held_out_accuracy):
     failing = {family: value for family, value in held_out_accuracy.items() if value < BAR}
     assert not failing, f"families below {BAR}: {failing}"
