@@ -37,8 +37,8 @@ def capture_shapes(loaded, n_samples: int, run_dir: str | Path, seed: int = 0, d
     The store is opened reading mlp_in; `ActivationStore(store.path, "resid_mid")` reads the other site.
     """
     config = CaptureConfig(dtype=dtype, input_sites=COURSE_INPUT_SITES)
-    path = cache_path(run_dir, "acts", model=loaded.name, n_samples=n_samples, seed=seed, dtype=dtype,
-                      input_sites=COURSE_INPUT_SITES)
+    path = cache_path(run_dir, "acts", model=loaded.name, weights=loaded.fingerprint(), n_samples=n_samples, seed=seed,
+                      dtype=dtype, input_sites=COURSE_INPUT_SITES)
     samples = data.iter_shapes_world(n_samples, "train", seed)
     summary = capture(loaded, samples, path, config, data_id=f"shapes:{n_samples}:seed{seed}", progress=progress)
     return ActivationStore(path), summary

@@ -45,3 +45,14 @@ def test_cuda_without_gpu_says_so():
 def test_folder_without_config_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         models.load(str(tmp_path))
+
+
+def test_fingerprint_follows_the_weights_not_the_name(tiny):
+    before = tiny.fingerprint()
+    assert before == tiny.fingerprint() and len(before) == 16
+    weight = next(tiny.model.parameters())
+    with torch.no_grad():
+        weight[0].add_(1.0)
+        changed = tiny.fingerprint()
+        weight[0].sub_(1.0)
+    assert changed != before
