@@ -741,11 +741,16 @@ def intervene_many(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.
     downstream is recomputed by the real model. The answer is the argmax at the last prompt position
     (the first answer token). `activation` in the result is the summed activation of the features.
     """
-    cfg = clt.config
     check_compatible(clt, loaded.model)
+    return _intervene_recorded(loaded, clt, sample, record(loaded, clt, sample), features, scale)
+
+
+def _intervene_recorded(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample, rec: Recorded,
+                        features: Sequence[tuple[int, int, int]], scale: float) -> Intervention:
+    """intervene_many given the sample's recorded original pass (so a sweep records it once)."""
     if not features:
         raise ValueError("intervene_many needs at least one (layer, position, latent) feature")
-    rec = record(loaded, clt, sample)
+    cfg = clt.config
     x = rec.inputs.to(clt.b_dec.device, clt.b_dec.dtype) * clt.input_scale.to(clt.b_dec.dtype)[:, None, None]
     delta: dict[int, Tensor] = {}
     total = 0.0
@@ -796,9 +801,11 @@ def ablation_curve(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.
     many of the graph's most influential features must go before the answer changes.
     """
     ranked = ranked_features(graph)[:max_features]
-    results = [intervene_many(loaded, clt, sample, ranked[:n], 0.0) for n in range(1, len(ranked) + 1)]
-    if not results:
+    if not ranked:
         raise ValueError("the graph has no feature nodes to ablate")
+    check_compatible(clt, loaded.model)
+    rec = record(loaded, clt, sample)
+    results = [_intervene_recorded(loaded, clt, sample, rec, ranked[:n], 0.0) for n in range(1, len(ranked) + 1)]
     answers = [r.after for r in results]
     first = next((n for n, answer in enumerate(answers, 1) if answer != results[0].before), None)
     return AblationCurve(results[0].before, answers, first)

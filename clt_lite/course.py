@@ -26,7 +26,7 @@ def cache_path(run_dir: str | Path, kind: str, **key) -> Path:
 
 
 # The course's CLTs read mlp_in; resid_mid is stored too so notebooks 03-04 can show why (image tokens'
-# residual stream is ~60x larger than text's at layer 0, so one scale per layer drowns the text).
+# residual stream is tens of times larger than text's at layer 0, so one scale per layer drowns the text).
 COURSE_INPUT_SITES = ("mlp_in", "resid_mid")
 
 
