@@ -39,16 +39,22 @@ class ToyConfig:
     n_layers: int = 16  # decoder layers of the language model
     d_model: int = 128  # language-model width
     n_heads: int = 4  # attention heads in the language model
+    rope_theta: float = 1e6  # RoPE base; at head width 32 the default 1e4 leaves few position-free dimensions for
+    # matching a question's words to image patches 8-43 tokens back (4-layer existence-only probe: 0.61 -> 0.84 after 1000 steps)
     d_mlp: int = 384  # language-model MLP width
     vision_width: int = 96  # CLIP tower width
     vision_layers: int = 3  # CLIP tower depth
-    steps: int = 6000  # optimisation steps (fresh samples each step)
+    steps: int = 7000  # optimisation steps (fresh samples each step)
     batch_size: int = 32  # samples per step
     lr: float = 5e-4  # peak AdamW learning rate
     warmup: int = 200  # linear warm-up steps, then cosine decay to 10%
     residual_init_scale: bool = True  # scale o_proj/down_proj init by 1/sqrt(2L): helps deep stacks
     cell_aux_weight: float = 1.0  # weight of an auxiliary loss: each projected patch predicts its cell's (shape, colour)
-    easy_negatives_until: float = 0.5  # curriculum: existence "no" questions start as easy negatives (colour or shape
+    attention_aux_weight: float = 1.0  # weight of an auxiliary loss: head 0 of the middle decoder layer, at the last
+    # prompt token, attends to the patches of the object asked about (to <s> for an existence "no"), a direct signal
+    # for the lookup every question but "count" needs (4-layer probe: colour/shape/describe 1.00 by step 1250)
+    exists_weight: float = 2.0  # sampling weight of the existence family in the training stream (the others 1)
+    easy_negatives_until: float = 0.0  # curriculum: existence "no" questions start as easy negatives (colour or shape
     # absent) and are replaced by the hard, binding-only ones linearly until this fraction of the steps; 0 = hard only
     seed: int = 0  # model init and sample stream
     eval_every: int = 500  # steps between held-out evaluations and checkpoints
@@ -89,7 +95,7 @@ def build_model(config: ToyConfig, processor, world: data.WorldConfig = data.Wor
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config.d_model, intermediate_size=config.d_mlp,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
-        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=256, rope_theta=config.rope_theta, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     vision = CLIPVisionConfig(
@@ -175,17 +181,19 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
         step, curve = state["step"], state["curve"]
     validation = eval_set(config.eval_per_family, "val", config.seed)
-    stream = data.iter_shapes_world(None, "train", config.seed)
-    for _ in range(step * config.batch_size):  # skip what was already trained on
-        next(stream)
+    if config.attention_aux_weight:
+        model.set_attn_implementation("eager")  # the auxiliary loss needs the attention probabilities
+    supervised = _supervised_attention(model, config)
     bar = tqdm(total=config.steps, initial=step, desc="toy", disable=not progress)
     start_time = time.time()
     while step < config.steps:
         model.train()
-        samples = _curriculum([next(stream) for _ in range(config.batch_size)], config, step)
+        first = step * config.batch_size
+        samples = _curriculum([training_sample(i, config) for i in range(first, first + config.batch_size)], config, step)
         batch = data.encode_batch(processor, samples, with_answers=True)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
+        supervised.clear()
         with _projected_patches(model) as patches:
             logits = model(**batch.model_inputs(model)).logits[:, :-1]
         labels = batch.input_ids[:, 1:].masked_fill(~batch.answer_mask[:, 1:], -100).to(device)
@@ -193,6 +201,8 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
         if config.cell_aux_weight:
             aux = torch.nn.functional.cross_entropy(cell_head(patches[0]).flatten(0, 1), cell_labels(samples).flatten().to(device))
             loss = loss + config.cell_aux_weight * aux
+        if config.attention_aux_weight:
+            loss = loss + config.attention_aux_weight * attention_aux_loss(supervised[0], samples, batch, processor)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -208,8 +218,54 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
             if min(v for k, v in accuracy.items() if k != "all") >= config.target_accuracy:
                 break
     bar.close()
+    model.set_attn_implementation("sdpa")
     save_toy(model, processor, out, config, curve)
     return {"steps": step, "curve": curve}
+
+
+def training_sample(index: int, config: ToyConfig) -> data.Sample:
+    """Sample `index` of the training stream: a family drawn with `exists_weight`, then a ShapesWorld sample.
+
+    A pure function of (seed, index), so a resumed run sees exactly the samples it would have seen.
+    """
+    weights = [config.exists_weight if family == "exists" else 1.0 for family in data.FAMILIES]
+    family = random.Random(f"toy-family:{config.seed}:{index}").choices(data.FAMILIES, weights)[0]
+    return data.shapes_sample(index, "train", config.seed, family=family)
+
+
+def _supervised_attention(model, config: ToyConfig) -> list[torch.Tensor]:
+    """Collect the attention probabilities [batch, heads, query, key] of the middle decoder layer."""
+    found: list[torch.Tensor] = []
+    if config.attention_aux_weight:
+        layer = model.model.language_model.layers[config.n_layers // 2]
+        layer.self_attn.register_forward_hook(lambda _m, _a, output: found.append(output[1]))
+    return found
+
+
+def attention_aux_loss(attention: torch.Tensor, samples: list[data.Sample], batch: data.EncodedBatch, processor,
+                       world: data.WorldConfig = data.WorldConfig()) -> torch.Tensor:
+    """Mean -log(attention mass of head 0, at the last prompt token, on the patches of the object asked about).
+
+    For an existence "no" the target is <s> (position 0): the head then reads "is there a full match" off
+    where it looks. Count questions (no single object) are skipped.
+    """
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    losses = []
+    for row, sample in enumerate(samples):
+        if sample.family == "count":
+            continue
+        last_prompt_token = int(batch.answer_mask[row].nonzero()[0]) - 1
+        if sample.family == "exists" and sample.answer == "no":
+            targets = [0]
+        else:
+            cells = sample.target_cells
+            if sample.family == "exists":  # every copy of the asked-about object is a right place to look
+                asked = next(s for s in sample.shapes if s.cell == cells[0])
+                cells = [s.cell for s in sample.shapes if (s.colour, s.kind) == (asked.colour, asked.kind)]
+            first_patch = int((batch.input_ids[row] == image_token).nonzero()[0])
+            targets = [first_patch + patch for cell in cells for patch in world.cell_patches(cell)]
+        losses.append(-torch.log(attention[row, 0, last_prompt_token, targets].sum() + 1e-6))
+    return torch.stack(losses).mean() if losses else attention.sum() * 0
 
 
 def _curriculum(samples: list[data.Sample], config: ToyConfig, step: int) -> list[data.Sample]:
@@ -282,7 +338,9 @@ def model_card(folder: str | Path, accuracy: dict[str, float], n_per_family: int
         "5 colours on a 3x3 grid, with questions about colour, shape at a position, count, existence",
         "(hard negatives: colour and shape both present, never together) and a short description.",
         "Weights are stored in float16; the accuracy below was measured on this float16 file.",
-        f"These weights are the step-{curve[-1]['step']} checkpoint of the run configured below.",
+        f"These weights are the step-{curve[-1]['step']} checkpoint of the run configured below"
+        + (f" (stopped early: every family reached {config['target_accuracy']} on validation)."
+           if curve[-1]["step"] < config["steps"] else "."),
         "",
         "## Config",
         "",
@@ -312,6 +370,17 @@ def model_card(folder: str | Path, accuracy: dict[str, float], n_per_family: int
         "lr 1e-3, far from the 0.95 bar, while 16 layers reached 0.955 / 0.945 / 1.00 / 0.91 in the same time.",
         "A 32-layer rebuild within 2 hours was not demonstrated, so the shipped toy has 16 layers; the CLT",
         "notebooks are depth-agnostic and run unchanged on a 32-layer model.",
+        "",
+        "## How the existence family was learned",
+        "",
+        "\"Is there a red circle?\", asked when red and circles are both present but never together, needs one",
+        "lookup that matches colour *and* shape at the same patches. The earlier recipe (RoPE base 1e4, no",
+        "attention loss, families sampled uniformly, an easy-negative curriculum) stayed at chance on it for",
+        "6000 steps while every other family reached 1.00. Probes on this machine (4-layer language model,",
+        "existence questions only, attention loss on, 1000 steps): RoPE base 1e4 0.61, 2 heads of width 64",
+        "0.76, RoPE base 1e6 0.84; with all families mixed and base 1e4 it stayed at chance for 2000 steps",
+        "without the attention loss and 1750 with it. Hence `rope_theta`, `attention_aux_weight` and",
+        "`exists_weight` above.",
         "",
         "## Rebuild",
         "",
