@@ -25,7 +25,8 @@ def _cmd_toy(args) -> dict:
     from . import models, toy
 
     if args.action == "train":
-        config = toy.ToyConfig(**({"steps": args.steps} if args.steps else {}))
+        overrides = {"steps": args.steps, "n_layers": args.layers}
+        config = toy.ToyConfig(**{field: value for field, value in overrides.items() if value})
         result = toy.train(config, args.out, device=args.device, progress=not args.json)
         print(f"toy saved to {args.out} after {result['steps']} steps")
         return {"out": str(args.out), **result}
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", type=Path, help="train: output folder")
     toy.add_argument("--model", default="tiny-llava-shapes", help="eval: model folder or name")
     toy.add_argument("--steps", type=int, help="train: override the number of steps")
+    toy.add_argument("--layers", type=int, help="train: override the number of decoder layers (default 16)")
     toy.add_argument("--per-family", type=int, default=100, help="eval: held-out questions per family")
     toy.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return parser

@@ -111,3 +111,16 @@ def test_attention_aux_loss_rewards_looking_at_the_asked_object_or_at_bos_for_no
     assert toy.attention_aux_loss(right, [yes, no], batch, processor).item() < 1e-4
     wrong = right.flip(0)  # the "yes" row looks at <s>, the "no" row at a patch
     assert toy.attention_aux_loss(wrong, [yes, no], batch, processor).item() > 5
+
+
+def test_toy_train_command_overrides_depth_and_steps(tmp_path, monkeypatch):
+    seen = {}
+
+    def record(config, out, **_):
+        seen["config"] = config
+        return {"steps": 0}
+
+    monkeypatch.setattr(toy, "train", record)
+    cli.main(["toy", "train", "--out", str(tmp_path), "--layers", "32", "--steps", "5", "--json"])
+    assert (seen["config"].n_layers, seen["config"].steps) == (32, 5)
+    assert seen["config"].lr == toy.ToyConfig().lr  # everything else stays the shipped recipe
