@@ -336,11 +336,12 @@ def _deeper_run_section(path: Path, families: list[str]) -> list[str]:
     last = curve[-1]
     passed = [c["step"] for c in curve if min(c[f] for f in families) >= 0.95]
     verdict = (f"it passed 0.95 on every family at step {passed[0]}" if passed
-               else f"it had not passed 0.95 on every family by step {last['step']}")
+               else f"it had not passed 0.95 on every family by step {last['step']}"
+               + (f" of the planned {config['steps']}, where the run was stopped" if last["step"] < config["steps"] else ""))
     return [
         "",
         f"The current recipe at {config['n_layers']} layers (`python -m clt_lite toy train --layers {config['n_layers']}`,",
-        f"same seed), run on this machine for {last['minutes']} minutes ({60 * last['minutes'] / last['step']:.2f} s/step):",
+        f"same seed), on this machine: {last['minutes']} minutes for {last['step']} steps ({60 * last['minutes'] / last['step']:.2f} s/step);",
         f"{verdict} (validation split).",
         "",
         "| step | minutes | loss | " + " | ".join(families) + " |",

@@ -130,8 +130,8 @@ def test_model_card_reports_the_deeper_run_and_whether_it_passed(tmp_path):
     point = {"colour": 1.0, "count": 1.0, "describe": 0.97, "shape": 1.0, "minutes": 10.0, "loss": 0.1}
     curve = [{**point, "step": 500, "exists": 0.53}, {**point, "step": 1000, "exists": 0.96}]
     path = tmp_path / toy.DEEPER_RUN_FILE
-    path.write_text(json.dumps({"config": {"n_layers": 32}, "curve": curve}))
+    path.write_text(json.dumps({"config": {"n_layers": 32, "steps": 7000}, "curve": curve}))
     assert "passed 0.95 on every family at step 1000" in "\n".join(toy._deeper_run_section(path, list(data.FAMILIES)))
-    path.write_text(json.dumps({"config": {"n_layers": 32}, "curve": curve[:1]}))
-    assert "had not passed 0.95 on every family by step 500" in "\n".join(toy._deeper_run_section(path, list(data.FAMILIES)))
+    path.write_text(json.dumps({"config": {"n_layers": 32, "steps": 7000}, "curve": curve[:1]}))
+    assert "had not passed 0.95 on every family by step 500 of the planned 7000" in "\n".join(toy._deeper_run_section(path, list(data.FAMILIES)))
     assert "not measured" in toy._deeper_run_section(tmp_path / "absent.json", list(data.FAMILIES))[0]
