@@ -182,9 +182,10 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
         step, curve = state["step"], state["curve"]
     validation = eval_set(config.eval_per_family, "val", config.seed)
+    original_attention = model.config._attn_implementation
     if config.attention_aux_weight:
         model.set_attn_implementation("eager")  # the auxiliary loss needs the attention probabilities
-    supervised = _supervised_attention(model, config)
+    supervised_layer = model.model.language_model.layers[config.n_layers // 2].self_attn
     bar = tqdm(total=config.steps, initial=step, desc="toy", disable=not progress)
     start_time = time.time()
     while step < config.steps:
@@ -194,8 +195,8 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
         batch = data.encode_batch(processor, samples, with_answers=True)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
-        supervised.clear()
-        with _projected_patches(model) as patches:
+        with _outputs_of(model.model.multi_modal_projector) as patches, \
+                _outputs_of(supervised_layer, pick=lambda output: output[1]) as attention:
             logits = model(**batch.model_inputs(model)).logits[:, :-1]
         labels = batch.input_ids[:, 1:].masked_fill(~batch.answer_mask[:, 1:], -100).to(device)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
@@ -203,7 +204,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
             aux = torch.nn.functional.cross_entropy(cell_head(patches[0]).flatten(0, 1), cell_labels(samples).flatten().to(device))
             loss = loss + config.cell_aux_weight * aux
         if config.attention_aux_weight:
-            loss = loss + config.attention_aux_weight * attention_aux_loss(supervised[0], samples, batch, processor)
+            loss = loss + config.attention_aux_weight * attention_aux_loss(attention[0], samples, batch, processor)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -219,7 +220,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
             if min(v for k, v in accuracy.items() if k != "all") >= config.target_accuracy:
                 break
     bar.close()
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(original_attention)
     save_toy(model, processor, out, config, curve)
     return {"steps": step, "curve": curve}
 
@@ -232,15 +233,6 @@ def training_sample(index: int, config: ToyConfig) -> data.Sample:
     weights = [config.exists_weight if family == "exists" else 1.0 for family in data.FAMILIES]
     family = random.Random(f"toy-family:{config.seed}:{index}").choices(data.FAMILIES, weights)[0]
     return data.shapes_sample(index, "train", config.seed, family=family)
-
-
-def _supervised_attention(model, config: ToyConfig) -> list[torch.Tensor]:
-    """Collect the attention probabilities [batch, heads, query, key] of the middle decoder layer."""
-    found: list[torch.Tensor] = []
-    if config.attention_aux_weight:
-        layer = model.model.language_model.layers[config.n_layers // 2]
-        layer.self_attn.register_forward_hook(lambda _m, _a, output: found.append(output[1]))
-    return found
 
 
 def attention_aux_loss(attention: torch.Tensor, samples: list[data.Sample], batch: data.EncodedBatch, processor,
@@ -294,10 +286,10 @@ def _save_checkpoint(model, cell_head, optimizer, folder: Path, state: dict, sav
 
 
 @contextmanager
-def _projected_patches(model):
-    """Collect the projector's output (the image patches as the language model receives them)."""
+def _outputs_of(module, pick=lambda output: output):
+    """Collect `pick(output)` of every forward call of `module` (e.g. the projector's patches, a layer's attention)."""
     found: list[torch.Tensor] = []
-    handle = model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, output: found.append(output))
+    handle = module.register_forward_hook(lambda _m, _a, output: found.append(pick(output)))
     try:
         yield found
     finally:
