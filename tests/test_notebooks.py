@@ -9,6 +9,7 @@ import nbformat
 import pytest
 
 from clt_lite import cli, notebooks
+from clt_lite.nbval_tolerance import Tolerance, numbers_agree, parse_tolerance
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -63,6 +64,41 @@ def test_nbval_fails_when_a_checked_output_changes(tmp_path):
     changed.write_text(json.dumps(nb))
     assert _nbval(unchanged).returncode == 0
     result = _nbval(changed)
+    assert result.returncode != 0 and "1 failed" in result.stdout
+
+
+def test_numbers_agree_only_within_tolerance_and_with_the_same_text():
+    tolerance = Tolerance(abs=0.02, rel=0.05)
+    assert numbers_agree("KL 1.0313, top1 0.975, kept 4,165 edges", "KL 1.0409, top1 0.960, kept 4,077 edges", tolerance)
+    assert not numbers_agree("top1 0.975", "top1 0.900", tolerance)  # 0.075 > 0.02 + 0.05 * 0.975
+    assert not numbers_agree("kept 4,165 edges", "kept 3,900 edges", tolerance)
+    assert not numbers_agree("CLT better 0.9", "PLT better 0.9", tolerance)  # words are exact
+    assert not numbers_agree("[1, 2]", "[1, 2, 3]", tolerance)
+    assert numbers_agree("gen tok nan", "gen tok nan", tolerance) and not numbers_agree("nan", "0.5", tolerance)
+    assert parse_tolerance("# NBVAL_CHECK_OUTPUT\n# TOLERANCE abs=0.03 (spread 0.01)\nprint(1)") == Tolerance(0.03, 0.0)
+    assert parse_tolerance("print(1)") is None
+    with pytest.raises(ValueError, match="TOLERANCE"):
+        parse_tolerance("# TOLERANCE absolute=3")
+
+
+def _one_cell_notebook(path: Path, source: str, committed_output: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(source, execution_count=1)
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=committed_output)]
+    nb.cells = [cell]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.parametrize("committed, passes", [("0.5050\n", True), ("0.4900\n", True), ("0.5300\n", False)])
+def test_nbval_applies_a_cells_tolerance_and_still_fails_beyond_it(tmp_path, committed, passes):
+    source = "# NBVAL_CHECK_OUTPUT\n# TOLERANCE abs=0.01 rel=0.01\nprint(f'{0.5:.4f}')"
+    result = _nbval(_one_cell_notebook(tmp_path / "tolerant.ipynb", source, committed))
+    assert (result.returncode == 0) == passes, result.stdout[-2000:]
+
+
+def test_nbval_stays_exact_in_a_cell_without_tolerance(tmp_path):
+    result = _nbval(_one_cell_notebook(tmp_path / "exact.ipynb", "# NBVAL_CHECK_OUTPUT\nprint(f'{0.5:.4f}')", "0.5050\n"))
     assert result.returncode != 0 and "1 failed" in result.stdout
 
 
