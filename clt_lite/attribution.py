@@ -816,9 +816,13 @@ class FlipRate(NamedTuple):
     n: int  # samples evaluated
     first_flips: list[int | None]  # per sample: fewest top features whose joint ablation changes the answer
 
+    def count_within(self, n_features: int) -> int:
+        """Samples whose answer changes once their top n_features are ablated together."""
+        return sum(f is not None and f <= n_features for f in self.first_flips)
+
     def within(self, n_features: int) -> float:
         """Fraction of samples whose answer changes once their top n_features are ablated together."""
-        return sum(f is not None and f <= n_features for f in self.first_flips) / self.n
+        return self.count_within(n_features) / self.n
 
 
 def ablation_flip_rate(loaded: LoadedModel, clt: CrossLayerTranscoder, samples: Sequence[data.Sample],

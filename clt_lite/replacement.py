@@ -282,13 +282,45 @@ def agreement_by_depth(loaded, clt: CrossLayerTranscoder, samples: list[data.Sam
     ]
 
 
-def format_table(rows: list[TokenMatch]) -> str:
-    """The token-match table, one replacement per line."""
-    header = (f"{'replacement':<24} {'top1 text':>9} {'top1 ans':>8} {'top1 filt':>9} {'KL':>8} {'dCE ans':>8} "
-              f"{'gen tok':>7} {'gen exact':>9} {'acc orig':>8} {'acc repl':>8}")
-    lines = [header]
+# Columns of the token-match table: (header, format, value). Agreement columns are fractions of positions or
+# answers; divergence columns are KL and cross-entropy increase (nats), which vary more between runs.
+AGREEMENT_COLUMNS = (
+    ("top1 text", ">9.3f", lambda r: r.top1_text),
+    ("top1 ans", ">8.3f", lambda r: r.top1_answer),
+    ("top1 filt", ">9.3f", lambda r: r.top1_filtered),
+    ("gen tok", ">7.3f", lambda r: r.generated_token_agreement),
+    ("gen exact", ">9.3f", lambda r: r.generated_exact_match),
+    ("acc orig", ">8.3f", lambda r: r.accuracy_original["all"]),
+    ("acc repl", ">8.3f", lambda r: r.accuracy_replacement["all"]),
+)
+DIVERGENCE_COLUMNS = (
+    ("KL", ">8.4f", lambda r: r.kl),
+    ("dCE ans", ">8.3f", lambda r: r.ce_increase),
+)
+
+
+# Metrics on which notebook 04 compares the CLT with the PLT; for all but KL higher is better.
+CLT_VS_PLT_METRICS = ("top1_text", "top1_answer", "top1_filtered", "kl")
+
+
+def versus_sentence(ours: TokenMatch, theirs: TokenMatch, our_name: str, their_name: str,
+                    metrics: tuple[str, ...] = CLT_VS_PLT_METRICS) -> str:
+    """Which of two replacements is ahead on each metric, in words (lower KL is better, higher otherwise)."""
+    ahead: dict[str, list[str]] = {our_name: [], their_name: [], "neither": []}
+    for metric in metrics:
+        a, b = getattr(ours, metric), getattr(theirs, metric)
+        better = a < b if metric == "kl" else a > b
+        ahead[our_name if better else (their_name if a != b else "neither")].append(f"{metric} ({a - b:+.3f})")
+    parts = [f"**{who}** ahead on {', '.join(items)}" for who, items in ahead.items() if items and who != "neither"]
+    if ahead["neither"]:
+        parts.append(f"tied on {', '.join(ahead['neither'])}")
+    return f"{our_name} − {their_name}: " + "; ".join(parts) + "."
+
+
+def format_table(rows: list[TokenMatch], columns=AGREEMENT_COLUMNS + DIVERGENCE_COLUMNS) -> str:
+    """The token-match table, one replacement per line; `columns` picks AGREEMENT_COLUMNS, DIVERGENCE_COLUMNS or all."""
+    widths = [max(len(header), int(fmt.lstrip("<>^").split(".")[0])) for header, fmt, _ in columns]
+    lines = [f"{'replacement':<26}" + " ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths))]
     for r in rows:
-        lines.append(f"{r.name:<24} {r.top1_text:>9.3f} {r.top1_answer:>8.3f} {r.top1_filtered:>9.3f} {r.kl:>8.4f} "
-                     f"{r.ce_increase:>8.3f} {r.generated_token_agreement:>7.3f} {r.generated_exact_match:>9.3f} "
-                     f"{r.accuracy_original['all']:>8.3f} {r.accuracy_replacement['all']:>8.3f}")
+        lines.append(f"{r.name:<26}" + " ".join(f"{value(r):{fmt}}".rjust(w) for (_, fmt, value), w in zip(columns, widths)))
     return "\n".join(lines)

@@ -252,3 +252,9 @@ def test_figures(graph):
     for fig in (graph_viz.draw_graph(graph), graph_viz.patch_heatmap(graph), graph_viz.top_features(graph)):
         assert isinstance(fig, Figure)
         matplotlib.pyplot.close(fig)
+
+
+def test_flip_rate_counts_prompts_within_a_feature_budget():
+    flips = A.FlipRate(rate=1 / 3, n=3, first_flips=[1, None, 5])
+    assert [flips.count_within(n) for n in (1, 4, 5, 32)] == [1, 1, 2, 2]
+    assert flips.within(5) == 2 / 3

@@ -1,6 +1,8 @@
 """The notebook harness: parameters match the CPU config, nbval really checks, errors are clear."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,11 +47,13 @@ def test_notebooks_are_committed_executed_and_checked(path):
     assert any("NBVAL_CHECK_OUTPUT" in c.source for c in code), "nothing in it would be checked by nbval"
 
 
-def _nbval(path: Path) -> subprocess.CompletedProcess:
+def _nbval(path: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """nbval on a notebook (or a folder of them) as `make test` runs it, in a fresh process."""
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path), "--nbval-lax", "--nbval-current-env",
-         "--nbval-sanitize-with", str(ROOT / "tests" / "sanitize.cfg")],
-        capture_output=True, text=True, cwd=path.parent, timeout=300,
+         "--nbval-sanitize-with", str(ROOT / "tests" / "sanitize.cfg"), "--nbval-cell-timeout", "1800"],
+        capture_output=True, text=True, cwd=path if path.is_dir() else path.parent, timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -100,6 +104,30 @@ def test_nbval_applies_a_cells_tolerance_and_still_fails_beyond_it(tmp_path, com
 def test_nbval_stays_exact_in_a_cell_without_tolerance(tmp_path):
     result = _nbval(_one_cell_notebook(tmp_path / "exact.ipynb", "# NBVAL_CHECK_OUTPUT\nprint(f'{0.5:.4f}')", "0.5050\n"))
     assert result.returncode != 0 and "1 failed" in result.stdout
+
+
+# Another CPU kernel path than a machine's default: AVX2 instead of AVX-512 in ATen's kernels and MKL's GEMMs,
+# and one thread instead of all (a different summation order). A few hundred optimizer steps carry their
+# last-bit differences into the third decimal of a trained CLT's metrics; the TOLERANCE lines must absorb it.
+KERNEL_VARIANT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "1",
+                  "MKL_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_checked_outputs_hold_on_another_kernel_path(tmp_path):
+    """Notebooks 02-06 (the capture, the CLTs and all that uses them) from an empty cache on another kernel path.
+
+    The copies sit in tmp_path/notebooks, so their run_dir (../runs/cpu) is an empty cache: the store is
+    captured and every CLT trained again under KERNEL_VARIANT, then nbval compares with the committed outputs.
+    """
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for path in NOTEBOOKS:
+        if path.name[:2] >= "02":
+            shutil.copy(path, folder)
+    result = _nbval(folder, env=KERNEL_VARIANT, timeout=3600)
+    failures = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    assert result.returncode == 0, "\n".join(failures) + "\n" + result.stdout[-6000:]
 
 
 def test_notebooks_command_rejects_bad_input(capsys):

@@ -101,3 +101,24 @@ def test_hooks_are_gone_after_replacement(tiny, trained, samples):
         after = tiny.model(**batch.model_inputs(tiny.model)).logits
     assert torch.equal(before, after)
     assert len(sites.decoder_layers(tiny.model)) == tiny.n_layers
+
+
+def _row(name: str, **metrics) -> R.TokenMatch:
+    values = {field: 0.5 for field in R.TokenMatch._fields}
+    values.update(name=name, accuracy_original={"all": 1.0}, accuracy_replacement={"all": 0.9}, fvu=[], **metrics)
+    return R.TokenMatch(**values)
+
+
+def test_versus_sentence_counts_lower_kl_as_better_and_names_ties():
+    ours = _row("CLT", top1_text=0.88, top1_answer=0.975, top1_filtered=0.86, kl=1.03)
+    theirs = _row("PLT", top1_text=0.865, top1_answer=0.982, top1_filtered=0.86, kl=0.97)
+    sentence = R.versus_sentence(ours, theirs, "CLT", "PLT")
+    assert sentence == ("CLT − PLT: **CLT** ahead on top1_text (+0.015); **PLT** ahead on top1_answer (-0.007), "
+                        "kl (+0.060); tied on top1_filtered (+0.000).")
+
+
+def test_format_table_columns():
+    table = R.format_table([_row("CLT", kl=1.0313)], R.DIVERGENCE_COLUMNS)
+    assert table.splitlines()[0].split() == ["replacement", "KL", "dCE", "ans"]
+    assert "1.0313" in table and "top1" not in table
+    assert len(R.format_table([_row("CLT")]).splitlines()[0].split()) == 1 + 2 * 7 + 3  # every column by default
