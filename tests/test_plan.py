@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +137,16 @@ def test_format_plan_is_readable():
     assert "decoder matrices     528" in text
     assert "18,790,875,136" in text and "70.00 GiB" in text and "512 KiB/token" in text
     assert "fits in 131 GiB: NO" in text
+
+
+def test_planner_matches_the_measured_peak_of_training_steps():
+    """One config of benchmarks/bench_plan_memory.py: RSS growth over 2 training steps in a fresh process."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan_memory.py"
+    layers, width, latents, batch = 8, 512, 4096, 256
+    cmd = [sys.executable, str(bench), "--worker", str(layers), str(width), str(latents), "0", str(batch), "adafactor"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])["measured_bytes"]
+    config = CLTConfig(n_layers=layers, d_model=width, n_latents=latents, k=32)
+    planned = plan(model_dims_of(config), config, "adafactor", batch_size=batch).gpu_bytes
+    assert abs(measured / planned - 1) < 0.15, (measured, planned)
