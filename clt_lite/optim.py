@@ -67,17 +67,20 @@ def _torch_optimizer(name: str, params: list[nn.Parameter], lr: float, betas: tu
     return torch.optim.Adafactor(params, lr=lr, foreach=False)
 
 
-class BackwardStep:
-    """One optimizer per parameter, stepped by a post-accumulate-grad hook that then frees the gradient.
+class PerParameter:
+    """One optimizer per parameter; with in_backward, each is stepped by a post-accumulate-grad hook that then
+    frees the gradient (the pattern of PyTorch's tutorial "How to save memory by fusing the optimizer step
+    into the backward pass"), otherwise all are stepped by step() after backward (data parallel).
 
-    Quacks like the torch optimizer the trainer uses (param_groups, zero_grad, step, state_dict), with
-    step() a no-op because the work happened during backward. The pattern of PyTorch's tutorial
-    "How to save memory by fusing the optimizer step into the backward pass".
+    Quacks like the torch optimizer the trainer uses (param_groups, zero_grad, step, state_dict); both modes
+    share one state-dict layout, so a checkpoint resumes on any number of processes.
     """
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter]):
-        self.optimizers = optimizers
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(o)) for p, o in zip(params, optimizers)]
+    def __init__(self, optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter], in_backward: bool):
+        self.optimizers, self.in_backward = optimizers, in_backward
+        if in_backward:
+            for p, o in zip(params, optimizers):
+                p.register_post_accumulate_grad_hook(self._hook(o))
 
     @staticmethod
     def _hook(optimizer: torch.optim.Optimizer):
@@ -92,10 +95,14 @@ class BackwardStep:
         return [group for o in self.optimizers for group in o.param_groups]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Nothing to do: every gradient was freed by its step."""
+        for o in self.optimizers:
+            o.zero_grad(set_to_none)
 
     def step(self) -> None:
-        """Nothing to do: every parameter stepped during backward."""
+        """Step every parameter, unless each already stepped during backward."""
+        if not self.in_backward:
+            for o in self.optimizers:
+                o.step()
 
     def state_dict(self) -> dict:
         return {"per_parameter": [o.state_dict() for o in self.optimizers]}
@@ -106,15 +113,15 @@ class BackwardStep:
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float],
-                   data_parallel: bool = False) -> torch.optim.Optimizer | BackwardStep:
+                   data_parallel: bool = False) -> torch.optim.Optimizer | PerParameter:
     """The recipe's optimizer over `params` (betas apply to Adam only); stepped in backward where the recipe
     says so and no data-parallel all-reduce has to come first."""
     params = list(params)
     wrong = {str(p.dtype) for p in params if p.dtype != getattr(torch, recipe(name).param_dtype)}
     if wrong:
         raise ValueError(f"optimizer {name!r} trains {recipe(name).param_dtype} parameters, got {sorted(wrong)}")
-    if recipe(name).step_in_backward and not data_parallel:
-        return BackwardStep([_torch_optimizer(name, [p], lr, betas) for p in params], params)
+    if recipe(name).step_in_backward:
+        return PerParameter([_torch_optimizer(name, [p], lr, betas) for p in params], params, not data_parallel)
     return _torch_optimizer(name, params, lr, betas)
 
 

@@ -212,12 +212,16 @@ DDP_KILLED_SCRIPT = DDP_KILLED_SCRIPT.replace("from test_train import CLT, FAST,
                                               "from test_train import CLT, FAST, FaultySource")
 
 
-def test_resume_on_another_world_size(tmp_path):
-    """Killed after step 4 on 2 DDP processes (checkpoint at 3), resumed on 1: matches one process throughout."""
-    done = torchrun(tmp_path, DDP_KILLED_SCRIPT, tmp_path / "run")
+@pytest.mark.parametrize("optimizer", ["adam", "adafactor"])
+def test_resume_on_another_world_size(tmp_path, optimizer):
+    """Killed after step 4 on 2 DDP processes (checkpoint at 3), resumed on 1: matches one process throughout.
+
+    With adafactor the one process steps each parameter during backward, the two after DDP's all-reduce."""
+    script = DDP_KILLED_SCRIPT.replace("checkpoint_every=3,", f"checkpoint_every=3, optimizer={optimizer!r},")
+    done = torchrun(tmp_path, script, tmp_path / "run")
     assert done.returncode != 0 and "simulated kill" in done.stderr
     assert latest_checkpoint(tmp_path / "run").name == "step-00000003"
-    cfg = TrainConfig(tokens=64 * 6, checkpoint_every=3, **FAST)
+    cfg = TrainConfig(tokens=64 * 6, checkpoint_every=3, optimizer=optimizer, **FAST)
     resumed = train(CLT, cfg, SyntheticSource(), tmp_path / "run", progress=False)
     single = train(CLT, cfg, SyntheticSource(), tmp_path / "one", progress=False)
     assert resumed.steps == single.steps == 6
