@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=2**18, help="training tokens per recipe")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--optimizers", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--adam-lr", type=float, help="peak lr of every Adam recipe, so they compare at one lr "
+                   "(default: the recipe's width-scaled default); Adafactor keeps its relative-step default")
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -51,14 +53,15 @@ def main(argv: list[str] | None = None) -> dict:
         clt_config = CLTConfig(n_layers=store.n_layers, d_model=store.d_model, expansion_factor=args.expansion,
                                k=args.k, cross_layer=args.cross_layer, input_site=store.input_site,
                                dtype=recipe(name).param_dtype)
-        config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, optimizer=name, device="cpu",
+        lr = args.adam_lr if recipe(name).kind == "adam" else None
+        config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, optimizer=name, device="cpu", lr=lr,
                              val_batches=None, checkpoint_every=10**9)
         out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         start = time.perf_counter()
         result = train(clt_config, config, store, out, progress=False)
         shutil.rmtree(out)
         mean_fvu = sum(result.fvu) / len(result.fvu)
-        results[name] = {"mean_val_fvu": mean_fvu, "val_fvu": result.fvu, "mean_l0": sum(result.l0) / len(result.l0),
+        results[name] = {"lr": lr, "mean_val_fvu": mean_fvu, "val_fvu": result.fvu, "mean_l0": sum(result.l0) / len(result.l0),
                          "steps": result.steps, "seconds": time.perf_counter() - start,
                          "final_train_loss": result.history[-1]["loss"]}
         print(f"{name:>15}: mean val FVU {mean_fvu:.4f} (worst layer {max(result.fvu):.4f}), "

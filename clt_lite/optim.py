@@ -4,15 +4,17 @@ Why each recipe exists:
 
 - ``adam``: float32 parameters and gradients, torch's fused Adam (two float32 states). The reference:
   16 bytes per parameter, so the full 32-layer CLT at LLaVA-7B width (18.8e9 parameters) needs 280 GiB.
-- ``adafactor``: float32 parameters, ``torch.optim.Adafactor`` (Shazeer & Stern 2018: the second moment of an
-  [.., r, c] tensor kept as a row and a column factor, no first moment, step size relative to the parameter's
-  RMS), stepped *during backward*: one optimizer per parameter runs as soon as that parameter's gradient is
-  complete and then frees it (PyTorch's post-accumulate-grad hook), so only one gradient exists at a time. About
-  4 bytes per parameter plus small factors: the full 32-layer CLT at LLaVA-7B width fits one H200.
-  Under data parallel the step waits for DDP's all-reduce, so there every gradient is held (the planner says so).
-- ``adafactor-bf16``: bfloat16 parameters and gradients with the same Adafactor, stepped after backward. Half the
-  weight memory, but a bf16 weight cannot take a step below ~0.4% of its size, so most updates round away:
-  ``benchmarks/bench_optimizers.py`` measures it (and ``adafactor``) against ``adam`` on the toy.
+- ``adam-bf16``: bfloat16 parameters, gradients and Adam states (torch's fused Adam computes each update
+  in float32 and rounds it back), stepped *during backward*: one optimizer per parameter runs as soon as
+  that parameter's gradient is complete and then frees it (PyTorch's post-accumulate-grad hook), so only
+  one gradient exists at a time. About 6 bytes per parameter: the full 7B-width CLT fits one H200.
+- ``adafactor``: float32 parameters, ``torch.optim.Adafactor`` (Shazeer & Stern 2018: the second moment of
+  an [.., r, c] tensor kept as a row and a column factor, no first moment, step relative to the parameter's
+  RMS), stepped during backward likewise. About 4 bytes per parameter, the smallest recipe.
+
+``benchmarks/bench_optimizers.py`` compares them on the toy at one token budget (results in
+``benchmarks/results/optimizers-toy.json``). Under data parallel a recipe's step waits for DDP's all-reduce,
+so there every gradient is held, and the planner counts them all.
 
 The planner (``clt_lite.plan``) sizes every recipe with ``state_bytes`` and ``step_bytes`` below, from the same
 parameter shapes the trainer optimizes, so the two cannot disagree on what a recipe keeps in memory.
@@ -35,16 +37,17 @@ class Recipe:
     """A parameter dtype plus an optimizer, selected by TrainConfig.optimizer."""
 
     name: str  # the name TrainConfig.optimizer and `--optimizer` use
-    param_dtype: str  # dtype of parameters and gradients ("float32" or "bfloat16")
+    param_dtype: str  # dtype of parameters, gradients and optimizer states ("float32" or "bfloat16")
+    kind: str  # the torch optimizer: "adam" (torch.optim.Adam, fused) or "adafactor" (torch.optim.Adafactor)
     default_peak_lr: float  # peak lr at 2**14 latents per layer; scaled by 1/sqrt(width) like sparsify's default
     step_in_backward: bool  # one process: step each parameter as its gradient completes, then free the gradient
 
 
 # Adafactor's lr caps the relative step (update RMS / parameter RMS); 1e-2 is torch's default.
 RECIPES = {
-    "adam": Recipe("adam", "float32", 2e-4, step_in_backward=False),
-    "adafactor": Recipe("adafactor", "float32", 1e-2, step_in_backward=True),
-    "adafactor-bf16": Recipe("adafactor-bf16", "bfloat16", 1e-2, step_in_backward=False),
+    "adam": Recipe("adam", "float32", "adam", 2e-4, step_in_backward=False),
+    "adafactor": Recipe("adafactor", "float32", "adafactor", 1e-2, step_in_backward=True),
+    "adam-bf16": Recipe("adam-bf16", "bfloat16", "adam", 2e-4, step_in_backward=True),
 }
 
 
@@ -61,7 +64,7 @@ def default_lr(name: str, n_latents: int) -> float:
 
 
 def _torch_optimizer(name: str, params: list[nn.Parameter], lr: float, betas: tuple[float, float]):
-    if name == "adam":
+    if recipe(name).kind == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True)  # one pass: ~6x faster on CPU
     # foreach=False: the foreach path builds every parameter's full-size variance estimate at once.
     return torch.optim.Adafactor(params, lr=lr, foreach=False)
@@ -135,7 +138,7 @@ def grad_bytes(name: str, shapes: Sequence[tuple[int, ...]], data_parallel: bool
 def state_bytes(name: str, shapes: Sequence[tuple[int, ...]]) -> int:
     """Bytes of optimizer state the recipe keeps for parameters of these shapes (step counters ignored)."""
     size = BYTES[recipe(name).param_dtype]
-    if name == "adam":
+    if recipe(name).kind == "adam":
         return 2 * size * sum(math.prod(s) for s in shapes)  # exp_avg, exp_avg_sq (fused Adam: no temporaries)
     # Adafactor: a row factor [.., r, 1] and a column factor [.., 1, c] per matrix, full variance per vector.
     elements = sum(math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1] if len(s) > 1 else s[0] for s in shapes)
@@ -144,6 +147,6 @@ def state_bytes(name: str, shapes: Sequence[tuple[int, ...]]) -> int:
 
 def step_bytes(name: str, shapes: Sequence[tuple[int, ...]]) -> int:
     """Largest temporary one optimizer step allocates: Adafactor builds one full-size variance estimate at a time."""
-    if name == "adam":
+    if recipe(name).kind == "adam":
         return 0
     return BYTES[recipe(name).param_dtype] * max(math.prod(s) for s in shapes)

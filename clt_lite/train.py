@@ -70,7 +70,7 @@ class TrainConfig:
     tokens: int = 2**20  # total training tokens; steps = tokens // batch_size
     batch_size: int = 1024  # tokens per optimizer step, summed over all data-parallel ranks
     lr: float | None = None  # peak lr; None -> the recipe's default / sqrt(n_latents / 2**14) (optim.default_lr)
-    optimizer: str = "adam"  # recipe in clt_lite.optim.RECIPES: "adam", "adafactor" (low-memory) or "adafactor-bf16"
+    optimizer: str = "adam"  # recipe in clt_lite.optim.RECIPES: "adam" (fp32), "adam-bf16" or "adafactor" (low-memory)
     adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam (beta1, beta2)
     warmup_steps: int = 100  # linear lr warm-up from 0 over this many steps
     final_lr_fraction: float = 0.0  # lr decays linearly after warm-up to this fraction of the peak at the last step

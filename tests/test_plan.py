@@ -53,9 +53,11 @@ def test_recipe_bytes_for_the_full_7b_clt():
     assert fp32.grad_bytes == 4 * largest  # stepped in backward: one gradient at a time
     assert fp32.optimizer_bytes == 4 * factors and fp32.optimizer_step_bytes == 4 * largest
     assert fp32.fits is True and fp32.gpu_bytes < 100 * GiB
-    bf16 = plan(LLAVA, llava_clt(k=64, dtype="bfloat16"), optimizer="adafactor-bf16", device="h200")
-    assert bf16.weight_bytes == bf16.grad_bytes == 2 * bf16.total_params
-    assert bf16.optimizer_bytes == 2 * factors and bf16.fits is True
+    bf16 = plan(LLAVA, llava_clt(k=64, dtype="bfloat16"), optimizer="adam-bf16", device="h200")
+    assert bf16.weight_bytes == 2 * bf16.total_params and bf16.grad_bytes == 2 * largest
+    assert bf16.optimizer_bytes == 4 * bf16.total_params and bf16.optimizer_step_bytes == 0
+    assert bf16.fits is True and bf16.gpu_bytes == 2 * bf16.total_params + 2 * largest + 4 * bf16.total_params + \
+        bf16.batch_bytes  # 121.00 GiB of 131 GiB
     ddp = plan(LLAVA, llava_clt(k=64), optimizer="adafactor", device="h200", gpus=4)
     assert ddp.grad_bytes == ddp.weight_bytes  # DDP all-reduces before the step: every gradient is held
     assert ddp.batch_bytes == fp32.batch_bytes // 4
