@@ -4,8 +4,9 @@ The trainer reads an *activation source* (duck-typed, see ActivationSource): the
 streaming source both provide it. Loss = mean over targets of FVU_t, optionally plus an AuxK loss that
 revives dead latents and, for JumpReLU, the paper's tanh sparsity penalty.
 
-Optimizer recipes (TrainConfig.optimizer, see clt_lite.optim): fp32 Adam, or Adafactor stepped during
-backward, the low-memory recipe the planner sizes for a full CLT at LLaVA-7B width on one H200.
+Optimizer recipes (TrainConfig.optimizer, see clt_lite.optim): fp32 Adam, or the low-memory ones (bf16 Adam,
+Adafactor) that step each parameter during backward, which the planner sizes for a full CLT at LLaVA-7B
+width on one H200.
 
 Data parallel: under torchrun (WORLD_SIZE > 1) the CLT is wrapped in PyTorch DDP. Every rank reads the
 same global batch stream and keeps its own rows. Each rank's loss is its local share of the *global* loss

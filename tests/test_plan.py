@@ -87,10 +87,10 @@ def test_check_fits_names_the_numbers_and_the_nearest_config():
     assert check_fits(LLAVA, config, 141e9, "adafactor", 4096).fits is None
     with pytest.raises(ValueError, match=r"^CLT does not fit an H200 \(131.3 GiB\): needs 294.01 GiB \(315.69 GB\) = "
                                          r"weights 70.00 \+ gradients 70.00 \+ optimizer \(adam\) 140.00 \+ batch "
-                                         r"14.00 GiB; nearest that fits: optimizer='adafactor', n_latents=8192 "
-                                         r"\(float32\)$"):
+                                         r"14.00 GiB; nearest that fits: optimizer='adam-bf16', n_latents=8192 "
+                                         r"\(bfloat16\)$"):
         check_fits(LLAVA, config, 141e9, "adam", 4096, where="an H200")
-    with pytest.raises(ValueError, match=r"nearest that fits: optimizer='adafactor', n_latents=2048 \(float32\)$"):
+    with pytest.raises(ValueError, match=r"nearest that fits: optimizer='adam-bf16', n_latents=2048 \(bfloat16\)$"):
         check_fits(LLAVA, llava_clt(k=64, cross_layer=1), 8 * GiB, "adam", 1024)  # no recipe fits at n=8192: halve n
 
 
