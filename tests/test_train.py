@@ -1,5 +1,6 @@
 """Trainer: learns, resumes exactly, stops on NaN, rejects mismatches, and data-parallel matches one process."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -212,18 +213,25 @@ DDP_KILLED_SCRIPT = DDP_KILLED_SCRIPT.replace("from test_train import CLT, FAST,
                                               "from test_train import CLT, FAST, FaultySource")
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adafactor"])
+@pytest.mark.parametrize("optimizer", list(RECIPES))
 def test_resume_on_another_world_size(tmp_path, optimizer):
     """Killed after step 4 on 2 DDP processes (checkpoint at 3), resumed on 1: matches one process throughout.
 
-    With adafactor the one process steps each parameter during backward, the two after DDP's all-reduce."""
+    The low-memory recipes step each parameter during backward on one process, after DDP's all-reduce on two."""
+    dtype = recipe(optimizer).param_dtype
     script = DDP_KILLED_SCRIPT.replace("checkpoint_every=3,", f"checkpoint_every=3, optimizer={optimizer!r},")
+    script = script.replace("train(CLT,", f"train(dataclasses.replace(CLT, dtype={dtype!r}),")
+    script = script.replace("import os, sys, torch", "import dataclasses, os, sys, torch")
     done = torchrun(tmp_path, script, tmp_path / "run")
     assert done.returncode != 0 and "simulated kill" in done.stderr
     assert latest_checkpoint(tmp_path / "run").name == "step-00000003"
     cfg = TrainConfig(tokens=64 * 6, checkpoint_every=3, optimizer=optimizer, **FAST)
-    resumed = train(CLT, cfg, SyntheticSource(), tmp_path / "run", progress=False)
-    single = train(CLT, cfg, SyntheticSource(), tmp_path / "one", progress=False)
+    clt_config = dataclasses.replace(CLT, dtype=dtype)
+    resumed = train(clt_config, cfg, SyntheticSource(), tmp_path / "run", progress=False)
+    single = train(clt_config, cfg, SyntheticSource(), tmp_path / "one", progress=False)
     assert resumed.steps == single.steps == 6
+    # bf16 gradients summed in another order differ by ulps; Adam divides by sqrt(v), so where a gradient is near
+    # zero that can move a weight by up to one step (lr = 1e-2): measured 7.6e-3 at most, on 14% of W_dec[0].
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=2**-6, atol=FAST["lr"])
     for (name, a), b in zip(weights(tmp_path / "one").items(), weights(tmp_path / "run").values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(a, b, **tolerance, msg=name)
