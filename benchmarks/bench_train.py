@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
+from clt_lite.optim import RECIPES, make_optimizer, recipe  # noqa: E402
 from clt_lite.plan import ModelDims, plan  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="tokens per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--paths", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument("--optimizer", default="adam", choices=list(RECIPES), help="recipe: parameter dtype + optimizer")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--worker", nargs=2, metavar=("EXPANSION", "PATH"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def clt_config(args: argparse.Namespace, expansion: int) -> CLTConfig:
     return CLTConfig(n_layers=args.n_layers, d_model=args.d_model, expansion_factor=expansion, k=args.k,
-                     cross_layer=args.cross_layer, dtype=args.dtype)
+                     cross_layer=args.cross_layer, dtype=recipe(args.optimizer).param_dtype)
 
 
 def sync(device: torch.device) -> None:
@@ -62,13 +63,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def worker(args: argparse.Namespace, expansion: int, path: str) -> dict:
-    """Time `steps` training steps (forward, FVU loss, backward, Adam) of one config on one decode path."""
+    """Time `steps` training steps (forward, FVU loss, backward, optimizer) of one config on one decode path."""
     device = torch.device(args.device)
     base_mb = peak_memory_mb(device)
     torch.manual_seed(0)
     cfg = clt_config(args, expansion)
     clt = CrossLayerTranscoder(cfg, device=device)
-    opt = torch.optim.Adam(clt.parameters(), lr=1e-4, fused=True)  # as in clt_lite.train
+    opt = make_optimizer(args.optimizer, clt.parameters(), 1e-4, (0.9, 0.999))  # as in clt_lite.train
     x = torch.randn(args.batch_size, cfg.n_layers, cfg.d_model, device=device)
     y = torch.randn(args.batch_size, cfg.n_layers, cfg.d_model, device=device)
     decode = clt.decode if path == "sparse" else clt.decode_dense
@@ -82,7 +83,7 @@ def worker(args: argparse.Namespace, expansion: int, path: str) -> dict:
         loss.backward()
         opt.step()
 
-    step()  # warm-up: allocates Adam state and gradients
+    step()  # warm-up: allocates optimizer state and gradients
     sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
           f"torch threads {torch.get_num_threads()}")
     for expansion in args.expansions:
         cfg = clt_config(args, expansion)
-        p = plan(dims, cfg, param_dtype=args.dtype, device=device_preset, batch_size=args.batch_size)
+        p = plan(dims, cfg, args.optimizer, device=device_preset, batch_size=args.batch_size)
         mm = matmul_flops(args, cfg.num_latents)
         entry = {"n_latents": cfg.num_latents, "params": p.total_params, "matmul_flops": mm,
                  "planner_max_tokens_per_s": p.max_tokens_per_s, "planner_training_gib": p.training_bytes / 2**30}
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(f"  x{expansion:<3} sparse/dense speed {entry['speedup_sparse_over_dense']:.1f}x, "
                         f"dense/sparse peak memory {entry['memory_ratio_dense_over_sparse']:.2f}x")
         rows.append(f"  x{expansion:<3} matmul {mm / 1e9:.1f} GFLOP/s; planner ({device_preset}) upper bound "
-                    f"{p.max_tokens_per_s:,.0f} tok/s, weights+grads+Adam {p.training_bytes / 2**30:.2f} GiB")
+                    f"{p.max_tokens_per_s:,.0f} tok/s, weights+grads+{args.optimizer} {p.training_bytes / 2**30:.2f} GiB")
         results[f"x{expansion}"] = entry
         print("\n".join(rows[-len(args.paths) - 2:]), flush=True)
     if args.json:

@@ -39,9 +39,11 @@ def _cmd_toy(args) -> dict:
 
 def _clt_config(args, n_layers: int, d_model: int, input_site: str = "resid_mid"):
     from .clt import CLTConfig
+    from .optim import recipe
 
     return CLTConfig(n_layers=n_layers, d_model=d_model, expansion_factor=args.expansion, k=args.k,
-                     cross_layer=args.cross_layer, activation=args.activation, input_site=input_site)
+                     cross_layer=args.cross_layer, activation=args.activation, input_site=input_site,
+                     dtype=recipe(args.optimizer).param_dtype)
 
 
 def _cmd_plan(args) -> dict:
@@ -51,8 +53,10 @@ def _cmd_plan(args) -> dict:
 
     dims = plan.model_dims(args.model.removeprefix("random:"))
     device = plan.DEVICE_PRESETS[args.device_preset] if args.device_preset else None
-    result = plan.plan(dims, _clt_config(args, dims.n_layers, dims.d_model), optimizer=args.optimizer, device=device)
+    result = plan.plan(dims, _clt_config(args, dims.n_layers, dims.d_model), optimizer=args.optimizer, device=device,
+                       gpus=args.gpus, batch_size=args.batch_size)
     print(plan.format_plan(result))
+    print(plan.format_gpus(result))
     return {k: v for k, v in asdict(result).items() if k not in ("config", "model", "device")}
 
 
@@ -74,7 +78,8 @@ def _cmd_train(args) -> dict:
     from .train import TrainConfig, train
 
     source = ActivationStore(args.acts, input_site=args.input_site)
-    config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed)
+    config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
+                         optimizer=args.optimizer)
     clt_config = _clt_config(args, source.n_layers, source.d_model, source.input_site)
     result = train(clt_config, config, source, args.out, progress=not args.json)
     mean_fvu, mean_l0 = sum(result.fvu) / len(result.fvu), sum(result.l0) / len(result.l0)
@@ -140,16 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--in-place", action="store_true", help="overwrite notebooks/ with outputs of the CPU defaults (maintainers)")
 
     def clt_options(sub) -> None:
+        from .optim import RECIPES
+        from .train import TrainConfig
+
         sub.add_argument("--expansion", type=int, default=8, help="latents per layer as a multiple of d_model")
         sub.add_argument("--k", type=int, default=16, help="active latents per token per layer")
         sub.add_argument("--cross-layer", type=int, default=0, help="targets per latent; 0 = full, 1 = PLT")
         sub.add_argument("--activation", default="topk", help="topk, batchtopk or jumprelu")
+        sub.add_argument("--optimizer", default=TrainConfig.optimizer,
+                         help=f"recipe (parameter dtype + optimizer): {', '.join(RECIPES)}")
 
     pl = command("plan", "parameters, memory, FLOPs and speed bounds of a CLT config", _cmd_plan)
     pl.add_argument("--model", required=True, help="preset (llava-1.5-7b, tiny-llava-shapes) or a model folder")
     clt_options(pl)
-    pl.add_argument("--optimizer", default="adam", help="adam, adam-bf16, adafactor or sgd")
     pl.add_argument("--device-preset", choices=["h200", "cpu-2core"], help="bound speed and memory on this device")
+    pl.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (each holds a full replica)")
+    pl.add_argument("--batch-size", type=int, default=4096, help="tokens per step, over all GPUs")
 
     ca = command("capture", "capture resid_mid and mlp_out of every layer to a sharded store", _cmd_capture)
     ca.add_argument("--model", default="tiny-llava-shapes")

@@ -7,16 +7,15 @@ Pure arithmetic on a model's depth and width. Worked example (LLaVA-1.5-7B, n = 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from .clt import CLTConfig
+from .optim import grad_bytes, recipe, state_bytes, step_bytes
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
-# optimizer name -> (states per parameter, dtype of each state)
-OPTIMIZER_STATES = {"adam": (2, "float32"), "adam-bf16": (2, "bfloat16"), "adafactor": (1, "float32"),
-                    "sgd": (0, "float32")}
 GiB = 2**30
 
 
@@ -75,24 +74,28 @@ class Plan:
     encoder_params: int  # W_enc, b_enc (+ thresholds, post-encoder scales)
     decoder_params: int  # W_dec, b_dec (+ W_skip)
     total_params: int  # encoder + decoder
-    weight_bytes: int  # parameters in param_dtype
-    grad_bytes: int  # one gradient per parameter, param_dtype
-    optimizer_bytes: int  # optimizer states
-    training_bytes: int  # weights + gradients + optimizer states (activations of a batch not included)
-    batch_bytes: int  # rough activation memory of one training batch (inputs, targets, pre-activations, grads)
+    weight_bytes: int  # parameters in the recipe's param_dtype
+    grad_bytes: int  # gradients alive at once, param_dtype (the largest only when the recipe steps in backward)
+    optimizer_bytes: int  # optimizer states (clt_lite.optim.state_bytes)
+    optimizer_step_bytes: int  # largest temporary of one optimizer step (clt_lite.optim.step_bytes)
+    training_bytes: int  # weights + gradients + optimizer states + step temporary (batch activations not included)
+    batch_bytes: int  # rough activation memory of one GPU's share of a batch (inputs, targets, pre-activations, grads)
     encoder_flops_per_token: int  # forward, dense: 2 L d n
     decoder_flops_per_token_dense: int  # forward through dense activations: 2 n d pairs
     decoder_flops_per_token_sparse: int  # forward with k active latents: 2 k d pairs
     decoder_bytes_per_token_sparse: int  # decoder rows gathered per token, forward: k d pairs in param_dtype
     train_flops_per_token: int  # 3 x (encoder + sparse decoder) forward: forward plus twice for backward
     disk_bytes_per_token: int  # input + target site of every layer in act_dtype
-    optimizer: str  # optimizer the state bytes assume
-    batch_size: int  # tokens per step used for the bounds
+    optimizer: str  # the recipe (clt_lite.optim.RECIPES) the bytes assume
+    batch_size: int  # tokens per step, summed over GPUs, used for the bounds
+    gpus: int  # data-parallel GPUs (DDP: each holds a full replica and batch_size / gpus tokens)
+    gpu_bytes: int  # memory one GPU needs: training_bytes + batch_bytes
+    sharded_gpus_needed: int | None  # fewest devices holding weights, grads, states and batch if sharded (FSDP, not in the trainer)
     device: DeviceSpec | None  # device the bounds assume
     compute_tokens_per_s: float | None  # peak FLOP/s / train FLOPs per token
     bandwidth_tokens_per_s: float | None  # batch_size * bandwidth / bytes moved per step
     max_tokens_per_s: float | None  # min of the two: an upper bound, real runs are slower
-    fits: bool | None  # training_bytes + batch_bytes <= device memory
+    fits: bool | None  # gpu_bytes <= device memory
 
 
 class TableRow(NamedTuple):
@@ -115,13 +118,31 @@ def targets_sources_table(n_layers: int, cross_layer: int) -> list[TableRow]:
     ]
 
 
-def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", param_dtype: str = "float32",
-         device: str | DeviceSpec | None = None, batch_size: int = 4096, act_dtype: str = "bfloat16") -> Plan:
-    """Count parameters, bytes and FLOPs of `clt_config` on `dims`, and bound tokens/s on `device`.
+def param_shapes(clt_config: CLTConfig) -> list[tuple[int, ...]]:
+    """Shapes of the CLT's trained parameters, in CrossLayerTranscoder's order (what the optimizer holds)."""
+    L, d, n = clt_config.n_layers, clt_config.d_model, clt_config.num_latents
+    shapes = [(L, n, d), (L, n), (L, d)]  # W_enc, b_enc, b_dec
+    if clt_config.skip_connection:
+        shapes.append((L, d, d))
+    if clt_config.activation == "jumprelu":
+        shapes.append((L, n))
+    if clt_config.post_encoder_scale and clt_config.train_post_encoder:
+        shapes.append((L, n))
+    return shapes + [(n, clt_config.n_targets(s), d) for s in range(L)]  # W_dec, a submodule: listed last
 
-    Throughput model (an upper bound): compute bound = peak FLOP/s / (3 x forward FLOPs per token,
-    sparse decoder); bandwidth bound = tokens per step / time to move, per step, the weights four times
-    (forward read, backward read, optimizer read + write), the gradients twice (write, read), the
+
+def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device: str | DeviceSpec | None = None,
+         batch_size: int = 4096, act_dtype: str = "bfloat16", gpus: int = 1) -> Plan:
+    """Count parameters, bytes and FLOPs of `clt_config` trained with recipe `optimizer`, and bound tokens/s.
+
+    Memory per GPU = weights + gradients (the recipe's param dtype) + optimizer states + the largest
+    temporary of an optimizer step + activations of the GPU's share of the batch. Data parallel (DDP,
+    what the trainer does) replicates everything but the batch, so more GPUs do not make a CLT fit;
+    sharded_gpus_needed is the arithmetic for sharding it (FSDP), which the trainer does not do yet.
+
+    Throughput model (an upper bound, per GPU): compute bound = peak FLOP/s / (3 x forward FLOPs per
+    token, sparse decoder); bandwidth bound = tokens per step / time to move, per step, the weights four
+    times (forward read, backward read, optimizer read + write), the gradients twice (write, read), the
     optimizer states twice (read + write), and per token the k active decoder rows of every pair four
     times (forward gather, backward gather, gradient read + write: the gathers have little reuse, and at
     LLaVA width they dominate). The smaller of the two bounds is reported.
@@ -129,11 +150,11 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", param_
     if (clt_config.n_layers, clt_config.d_model) != (dims.n_layers, dims.d_model):
         raise ValueError(f"config is {clt_config.n_layers} x {clt_config.d_model} but {dims.name} is "
                          f"{dims.n_layers} x {dims.d_model}; build the CLTConfig from the model dims")
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
-    for name in (param_dtype, act_dtype):
-        if name not in BYTES_PER_DTYPE:
-            raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(BYTES_PER_DTYPE)}")
+    param_dtype = recipe(optimizer).param_dtype
+    if act_dtype not in BYTES_PER_DTYPE:
+        raise ValueError(f"unknown dtype {act_dtype!r}; use one of {', '.join(BYTES_PER_DTYPE)}")
+    if gpus < 1 or batch_size % gpus:
+        raise ValueError(f"gpus={gpus} must be >= 1 and divide batch_size={batch_size}")
     if isinstance(device, str):
         if device not in DEVICE_PRESETS:
             raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICE_PRESETS)}")
@@ -146,31 +167,34 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", param_
     decoder = pairs * n * d + L * d + (L * d * d if clt_config.skip_connection else 0)
     total = encoder + decoder
     weight_bytes = total * BYTES_PER_DTYPE[param_dtype]
-    n_states, state_dtype = OPTIMIZER_STATES[optimizer]
-    optimizer_bytes = total * n_states * BYTES_PER_DTYPE[state_dtype]
-    training_bytes = 2 * weight_bytes + optimizer_bytes
+    shapes = param_shapes(clt_config)
+    optimizer_bytes, temporary = state_bytes(optimizer, shapes), step_bytes(optimizer, shapes)
+    grads = grad_bytes(optimizer, shapes, data_parallel=gpus > 1)
+    training_bytes = weight_bytes + grads + optimizer_bytes + temporary
     # inputs, targets, reconstruction (B L d) and pre-activations with their gradient (2 B L n), fp32
-    batch_bytes = 4 * batch_size * L * (3 * d + 2 * n)
+    batch_bytes = 4 * (batch_size // gpus) * L * (3 * d + 2 * n)
 
     enc_flops = 2 * L * d * n
     dec_dense, dec_sparse = 2 * n * d * pairs, 2 * k * d * pairs
     dec_bytes = k * d * pairs * BYTES_PER_DTYPE[param_dtype]
     train_flops = 3 * (enc_flops + dec_sparse)
-    compute = bandwidth = best = fits = None
+    compute = bandwidth = best = fits = sharded = None
     if device is not None:
         compute = device.flops / train_flops
-        step_bytes = 4 * weight_bytes + 2 * weight_bytes + 2 * optimizer_bytes + 4 * batch_size * dec_bytes
-        bandwidth = batch_size * device.bandwidth / step_bytes
+        step_bytes_moved = 6 * weight_bytes + 2 * optimizer_bytes + 4 * batch_size * dec_bytes
+        bandwidth = batch_size * device.bandwidth / step_bytes_moved
         best = min(compute, bandwidth)
         fits = training_bytes + batch_bytes <= device.memory
+        sharded = max(1, math.ceil((training_bytes + 4 * batch_size * L * (3 * d + 2 * n)) / device.memory))
     return Plan(
         model=dims, config=clt_config, decoder_matrices=pairs, encoder_params=encoder, decoder_params=decoder,
-        total_params=total, weight_bytes=weight_bytes, grad_bytes=weight_bytes, optimizer_bytes=optimizer_bytes,
-        training_bytes=training_bytes, batch_bytes=batch_bytes, encoder_flops_per_token=enc_flops,
-        decoder_flops_per_token_dense=dec_dense, decoder_flops_per_token_sparse=dec_sparse,
-        decoder_bytes_per_token_sparse=dec_bytes,
+        total_params=total, weight_bytes=weight_bytes, grad_bytes=grads, optimizer_bytes=optimizer_bytes,
+        optimizer_step_bytes=temporary, training_bytes=training_bytes, batch_bytes=batch_bytes,
+        encoder_flops_per_token=enc_flops, decoder_flops_per_token_dense=dec_dense,
+        decoder_flops_per_token_sparse=dec_sparse, decoder_bytes_per_token_sparse=dec_bytes,
         train_flops_per_token=train_flops, disk_bytes_per_token=2 * L * d * BYTES_PER_DTYPE[act_dtype],
-        optimizer=optimizer, batch_size=batch_size, device=device, compute_tokens_per_s=compute,
+        optimizer=optimizer, batch_size=batch_size, gpus=gpus, gpu_bytes=training_bytes + batch_bytes,
+        sharded_gpus_needed=sharded, device=device, compute_tokens_per_s=compute,
         bandwidth_tokens_per_s=bandwidth, max_tokens_per_s=best, fits=fits,
     )
 
@@ -192,7 +216,10 @@ def format_plan(p: Plan) -> str:
         f"  weights              {_gib(p.weight_bytes)}",
         f"  gradients            {_gib(p.grad_bytes)}",
         f"  optimizer states     {_gib(p.optimizer_bytes)} ({p.optimizer})",
-        f"  training total       {_gib(p.training_bytes)} + batch of {p.batch_size:,} tokens {_gib(p.batch_bytes)}",
+        *([f"  optimizer step temp  {_gib(p.optimizer_step_bytes)} (largest parameter, one at a time)"]
+          if p.optimizer_step_bytes else []),
+        f"  training total       {_gib(p.training_bytes)} + batch of {p.batch_size // p.gpus:,} tokens "
+        f"{_gib(p.batch_bytes)}" + (f" per GPU, {p.gpus} data-parallel GPUs" if p.gpus > 1 else ""),
         f"  FLOPs/token forward  encoder {p.encoder_flops_per_token:.3g}, decoder sparse "
         f"{p.decoder_flops_per_token_sparse:.3g} (dense {p.decoder_flops_per_token_dense:.3g})",
         f"  activations on disk  {p.disk_bytes_per_token / 2**10:,.0f} KiB/token, "
@@ -205,3 +232,47 @@ def format_plan(p: Plan) -> str:
             f"  fits in {p.device.memory / GiB:,.0f} GiB: {'yes' if p.fits else 'NO'}",
         ]
     return "\n".join(lines)
+
+
+def format_gpus(p: Plan) -> str:
+    """One line: whether the config trains on p.gpus devices, and how many it would need sharded."""
+    if p.device is None:
+        return "GPUs: give a device preset to size them"
+    verdict = "YES" if p.fits else "NO (data parallel replicates weights, gradients and states)"
+    return (f"fits {p.gpus} x {p.device.name} with {p.optimizer}: {verdict}; needs {_gib(p.gpu_bytes)} per GPU; "
+            f"sharded (FSDP, not in the trainer yet) it would need {p.sharded_gpus_needed} x {p.device.name}")
+
+
+def nearest_fit(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer: str, batch_size: int,
+                gpus: int = 1) -> tuple[str, CLTConfig] | None:
+    """The closest (recipe, config) that fits `memory` bytes per GPU: another recipe at the same size first,
+    then this recipe (then the others) with latents halved until one fits; None if not even n = k does."""
+    from dataclasses import replace
+
+    from .optim import RECIPES
+
+    order = [optimizer] + [name for name in RECIPES if name != optimizer]
+    n = clt_config.num_latents
+    while n >= clt_config.k:
+        for name in order:
+            fitted = replace(clt_config, n_latents=n, dtype=recipe(name).param_dtype)
+            if plan(dims, fitted, name, batch_size=batch_size, gpus=gpus).gpu_bytes <= memory:
+                return name, fitted
+        n //= 2
+    return None
+
+
+def check_fits(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer: str, batch_size: int,
+               gpus: int = 1, where: str = "the device") -> Plan:
+    """The plan; a one-line ValueError with its numbers and the nearest config that fits when it does not."""
+    p = plan(dims, clt_config, optimizer, batch_size=batch_size, gpus=gpus)
+    if p.gpu_bytes <= memory:
+        return p
+    near = nearest_fit(dims, clt_config, memory, optimizer, batch_size, gpus)
+    hint = ("nothing at this depth and width fits" if near is None else
+            f"nearest that fits: optimizer={near[0]!r}, n_latents={near[1].num_latents} ({near[1].dtype})")
+    raise ValueError(
+        f"CLT does not fit {where} ({memory / GiB:,.1f} GiB): needs {_gib(p.gpu_bytes)} = weights "
+        f"{p.weight_bytes / GiB:,.2f} + gradients {p.grad_bytes / GiB:,.2f} + optimizer ({optimizer}) "
+        f"{(p.optimizer_bytes + p.optimizer_step_bytes) / GiB:,.2f} + batch {p.batch_bytes / GiB:,.2f} GiB; {hint}"
+    )

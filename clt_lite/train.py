@@ -4,10 +4,16 @@ The trainer reads an *activation source* (duck-typed, see ActivationSource): the
 streaming source both provide it. Loss = mean over targets of FVU_t, optionally plus an AuxK loss that
 revives dead latents and, for JumpReLU, the paper's tanh sparsity penalty.
 
-Data parallel: under torchrun (WORLD_SIZE > 1) every rank reads the same global batch stream and keeps
-its own rows. Each rank's loss is its local share of the *global* loss (local squared error divided by
-the global target variance), and gradients are summed across ranks, so a run on W processes computes the
-same update as one process with the same global batch, up to float summation order.
+Optimizer recipes (TrainConfig.optimizer, see clt_lite.optim): fp32 Adam, or the low-memory ones (bf16 Adam,
+Adafactor) that step each parameter during backward, which the planner sizes for a full CLT at LLaVA-7B
+width on one H200.
+
+Data parallel: under torchrun (WORLD_SIZE > 1) the CLT is wrapped in PyTorch DDP. Every rank reads the
+same global batch stream and keeps its own rows. Each rank's loss is its local share of the *global* loss
+(local squared error divided by the global target variance) times the world size, and DDP averages
+gradients, so a run on W processes computes the same update as one process with the same global batch, up
+to float summation order. Checkpoints hold the full model and optimizer (every rank has them), so a run
+may resume on another number of processes.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import optim, plan
 from .clt import CLTConfig, CrossLayerTranscoder, _read_safetensors, atomic_write
 
 
@@ -62,7 +70,8 @@ class TrainConfig:
 
     tokens: int = 2**20  # total training tokens; steps = tokens // batch_size
     batch_size: int = 1024  # tokens per optimizer step, summed over all data-parallel ranks
-    lr: float | None = None  # peak Adam lr; None -> 2e-4 / sqrt(n_latents / 2**14) (sparsify's width scaling)
+    lr: float | None = None  # peak lr; None -> the recipe's default / sqrt(n_latents / 2**14) (optim.default_lr)
+    optimizer: str = "adam"  # recipe in clt_lite.optim.RECIPES: "adam" (fp32), "adam-bf16" or "adafactor" (low-memory)
     adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam (beta1, beta2)
     warmup_steps: int = 100  # linear lr warm-up from 0 over this many steps
     final_lr_fraction: float = 0.0  # lr decays linearly after warm-up to this fraction of the peak at the last step
@@ -81,6 +90,7 @@ class TrainConfig:
             raise ValueError(f"need tokens >= batch_size >= 1, got tokens={self.tokens}, batch_size={self.batch_size}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
+        optim.recipe(self.optimizer)
 
     @property
     def steps(self) -> int:
@@ -121,11 +131,6 @@ class _Ranks(NamedTuple):
         if self.world > 1:
             dist.all_reduce(t)
         return t
-
-
-def default_lr(n_latents: int) -> float:
-    """EleutherAI sparsify's default: 2e-4 at 2**14 latents, scaled by 1/sqrt(width)."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
 def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
@@ -243,6 +248,17 @@ def _check_source(source: ActivationSource, clt_config: CLTConfig, train_config:
         )
     if train_config.batch_size % world:
         raise ValueError(f"batch_size {train_config.batch_size} is not divisible by the {world} data-parallel ranks")
+    param_dtype = optim.recipe(train_config.optimizer).param_dtype
+    if clt_config.dtype != param_dtype:
+        raise ValueError(f"optimizer {train_config.optimizer!r} trains {param_dtype} parameters but the CLT config "
+                         f"says dtype={clt_config.dtype!r}; set CLTConfig(dtype={param_dtype!r})")
+
+
+def _device_memory(device: torch.device) -> tuple[float, str]:
+    """(bytes, label) of the memory a training process may fill: the GPU's, or the machine's RAM on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory), torch.cuda.get_device_name(device)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this machine's RAM"
 
 
 # --------------------------------------------------------------------------------- checkpoints
@@ -308,6 +324,9 @@ def train(clt_config: CLTConfig, train_config: TrainConfig, source: ActivationSo
     ranks, device, created_group = _setup_ranks(train_config.device)
     try:
         _check_source(source, clt_config, train_config, ranks.world)
+        memory, label = _device_memory(device)
+        dims = plan.ModelDims(clt_config.n_layers, clt_config.d_model, "source")
+        plan.check_fits(dims, clt_config, memory, train_config.optimizer, train_config.batch_size, ranks.world, label)
         return _train(clt_config, train_config, source, Path(out_dir), progress, ranks, device)
     finally:
         if created_group:
@@ -338,9 +357,11 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
         since_fired = trainer["since_fired"].to(device)
         torch.set_rng_state(trainer["cpu_rng"])
 
-    peak_lr = cfg.lr if cfg.lr is not None else default_lr(n)
-    params = [p for p in clt.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=peak_lr, betas=tuple(cfg.adam_betas), fused=True)  # one pass: ~6x faster on CPU
+    peak_lr = cfg.lr if cfg.lr is not None else optim.default_lr(cfg.optimizer, n)
+    opt = optim.make_optimizer(cfg.optimizer, (p for p in clt.parameters() if p.requires_grad), peak_lr, cfg.adam_betas,
+                               data_parallel=ranks.world > 1)
+    # DDP all-reduces (averages) gradients in buckets during backward; it needs every parameter used in forward.
+    model = DistributedDataParallel(clt) if ranks.world > 1 else clt
     if ckpt is not None:
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
 
@@ -356,7 +377,7 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
         for group in opt.param_groups:
             group["lr"] = lr_at(step, peak_lr, cfg)
 
-        loss, fvu, out = _loss(clt, cfg, x, y, since_fired >= cfg.dead_tokens, batch.inputs.shape[0], ranks)
+        loss, fvu, out = _loss(model, clt, cfg, x, y, since_fired >= cfg.dead_tokens, batch.inputs.shape[0], ranks)
         loss_value = ranks.sum(loss.detach().clone()).item()
         if not math.isfinite(loss_value):
             last = latest_checkpoint(out_dir)
@@ -365,9 +386,7 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
                 "lower lr or check the activations"
             )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in params:
-            ranks.sum(p.grad)
+        (loss * ranks.world).backward()  # DDP averages gradients over ranks; the global loss needs their sum
         opt.step()
 
         fired = ranks.sum(_fired_counts(out.values.detach(), out.indices, n)) > 0
@@ -410,11 +429,14 @@ def _empty_window(n_layers: int) -> dict:
     return {"loss": 0.0, "fvu": [0.0] * n_layers, "l0": 0.0, "steps": 0}
 
 
-def _loss(clt: CrossLayerTranscoder, cfg: TrainConfig, x: Tensor, y: Tensor, dead: Tensor, global_tokens: int,
-          ranks: _Ranks):
-    """This rank's share of the global loss, its per-layer FVU share [L], and the forward output."""
+def _loss(model: torch.nn.Module, clt: CrossLayerTranscoder, cfg: TrainConfig, x: Tensor, y: Tensor, dead: Tensor,
+          global_tokens: int, ranks: _Ranks):
+    """This rank's share of the global loss, its per-layer FVU share [L], and the forward output.
+
+    `model` is the CLT or its DDP wrapper (forward goes through it so DDP sees the step); `clt` the CLT itself.
+    """
     with _autocast(x.device):
-        out = clt(x)
+        out = model(x)
         variance = _target_variance(y, ranks)
         fvu = (out.reconstruction.float() - y).pow(2).sum((0, 2)) / variance
         loss = fvu.mean()

@@ -34,10 +34,21 @@ def test_plan_prints_the_llava_7b_numbers(capsys):
     assert result["decoder_matrices"] == 528 and round(result["total_params"] / 1e9, 1) == 18.8
 
 
+def test_plan_says_the_full_7b_clt_fits_one_h200_with_the_low_memory_recipe(capsys):
+    argv = ["plan", "--model", "llava-1.5-7b", "--expansion", "2", "--k", "64", "--cross-layer", "0",
+            "--device-preset", "h200"]
+    for recipe in ("adam-bf16", "adafactor"):
+        result = _run(capsys, *argv, "--optimizer", recipe)
+        assert result["fits"] is True and result["optimizer"] == recipe
+    assert cli.main(argv) == 0
+    assert "fits 1 x h200 with adam: NO" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["plan", "--model", "gpt-9"], "unknown model"),
     (["plan", "--model", "llava-1.5-7b", "--k", "100000"], "k=100000"),
     (["train", "--acts", "/no/such/store", "--out", "/tmp/x"], "no manifest.json"),
+    (["plan", "--model", "llava-1.5-7b", "--optimizer", "lion"], "unknown optimizer 'lion'; use one of adam, adam-bf16, adafactor"),
     (["capture", "--model", "random:tiny", "--data", "shapes:0", "--out", "/tmp/x"], "use shapes:N"),
     (["evaluate", "--model", "random:tiny", "--clt", "/no/such/clt"], "not found"),
 ])

@@ -1,11 +1,17 @@
 """Planner arithmetic against hand-computed numbers (LLaVA-1.5-7B and the toy)."""
 
 import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from clt_lite.clt import CLTConfig
-from clt_lite.plan import DEVICE_PRESETS, format_plan, model_dims, plan, targets_sources_table
+from clt_lite.clt import CLTConfig, CrossLayerTranscoder
+from clt_lite.plan import (DEVICE_PRESETS, GiB, check_fits, format_gpus, format_plan, model_dims, param_shapes, plan,
+                           targets_sources_table)
 
 LLAVA = model_dims("llava-1.5-7b")
 
@@ -37,11 +43,55 @@ def test_cross_layer_and_plt_matrix_counts():
     assert plt.total_params == 2 * 32 * 8192 * 4096 + 32 * 8192 + 32 * 4096
 
 
-@pytest.mark.parametrize("optimizer, per_param", [("adam", 8), ("adam-bf16", 4), ("adafactor", 4)])
-def test_optimizer_state_bytes(optimizer, per_param):
-    p = plan(LLAVA, llava_clt(cross_layer=1), optimizer=optimizer, param_dtype="bfloat16")
-    assert p.weight_bytes == 2 * p.total_params
-    assert p.optimizer_bytes == per_param * p.total_params
+def test_recipe_bytes_for_the_full_7b_clt():
+    L, d, n = 32, 4096, 8192
+    largest = n * L * d  # W_dec[0]: [n, 32 targets, d]
+    # Adafactor factors: W_enc [L,n,d] -> L*n + L*d; b_enc [L,n] -> L + n; W_dec[s] [n,T,d] -> n*T + n*d; b_dec -> L + d
+    factors = (L * n + L * d) + (L + n) + (n * 528 + L * n * d) + (L + d)
+    fp32 = plan(LLAVA, llava_clt(k=64), optimizer="adafactor", device="h200")
+    assert fp32.weight_bytes == 4 * fp32.total_params
+    assert fp32.grad_bytes == 4 * largest  # stepped in backward: one gradient at a time
+    assert fp32.optimizer_bytes == 4 * factors and fp32.optimizer_step_bytes == 4 * largest
+    assert fp32.fits is True and fp32.gpu_bytes < 100 * GiB
+    bf16 = plan(LLAVA, llava_clt(k=64, dtype="bfloat16"), optimizer="adam-bf16", device="h200")
+    assert bf16.weight_bytes == 2 * bf16.total_params and bf16.grad_bytes == 2 * largest
+    assert bf16.optimizer_bytes == 4 * bf16.total_params and bf16.optimizer_step_bytes == 0
+    assert bf16.fits is True and bf16.gpu_bytes == 2 * bf16.total_params + 2 * largest + 4 * bf16.total_params + \
+        bf16.batch_bytes  # 121.00 GiB of 131 GiB
+    ddp = plan(LLAVA, llava_clt(k=64), optimizer="adafactor", device="h200", gpus=4)
+    assert ddp.grad_bytes == ddp.weight_bytes  # DDP all-reduces before the step: every gradient is held
+    assert ddp.batch_bytes == fp32.batch_bytes // 4
+    assert "fits 4 x h200 with adafactor: NO" in format_gpus(ddp)  # 151.52 GiB per GPU: DDP cannot help memory
+    adam = plan(LLAVA, llava_clt(k=64), device="h200", gpus=8)
+    assert adam.fits is False and adam.sharded_gpus_needed == 3
+    assert "fits 8 x h200 with adam: NO" in format_gpus(adam) and "would need 3 x h200" in format_gpus(adam)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(cross_layer=2, activation="jumprelu", skip_connection=True),
+                                       dict(post_encoder_scale=True)])
+def test_param_shapes_are_what_the_optimizer_holds(overrides):
+    config = CLTConfig(n_layers=4, d_model=8, n_latents=16, k=2, **overrides)
+    held = [tuple(p.shape) for p in CrossLayerTranscoder(config).parameters() if p.requires_grad]
+    assert param_shapes(config) == held
+    assert plan(model_dims_of(config), config).total_params == sum(math.prod(s) for s in held)
+
+
+def model_dims_of(config: CLTConfig):
+    from clt_lite.plan import ModelDims
+
+    return ModelDims(config.n_layers, config.d_model, "test")
+
+
+def test_check_fits_names_the_numbers_and_the_nearest_config():
+    config = llava_clt(k=64)
+    assert check_fits(LLAVA, config, 141e9, "adafactor", 4096).fits is None
+    with pytest.raises(ValueError, match=r"^CLT does not fit an H200 \(131.3 GiB\): needs 294.01 GiB \(315.69 GB\) = "
+                                         r"weights 70.00 \+ gradients 70.00 \+ optimizer \(adam\) 140.00 \+ batch "
+                                         r"14.00 GiB; nearest that fits: optimizer='adam-bf16', n_latents=8192 "
+                                         r"\(bfloat16\)$"):
+        check_fits(LLAVA, config, 141e9, "adam", 4096, where="an H200")
+    with pytest.raises(ValueError, match=r"nearest that fits: optimizer='adam-bf16', n_latents=2048 \(bfloat16\)$"):
+        check_fits(LLAVA, llava_clt(k=64, cross_layer=1), 8 * GiB, "adam", 1024)  # no recipe fits at n=8192: halve n
 
 
 def test_h200_throughput_bound_is_the_min_of_compute_and_bandwidth():
@@ -68,6 +118,8 @@ def test_toy_preset_and_model_folder(tmp_path):
         plan(toy, llava_clt())
     with pytest.raises(ValueError, match="unknown optimizer"):
         plan(LLAVA, llava_clt(), optimizer="lion")
+    with pytest.raises(ValueError, match="gpus=3 must be >= 1 and divide batch_size=4096"):
+        plan(LLAVA, llava_clt(), gpus=3)
 
 
 def test_targets_sources_table():
@@ -87,3 +139,16 @@ def test_format_plan_is_readable():
     assert "decoder matrices     528" in text
     assert "18,790,875,136" in text and "70.00 GiB" in text and "512 KiB/token" in text
     assert "fits in 131 GiB: NO" in text
+
+
+def test_planner_matches_the_measured_peak_of_training_steps():
+    """One config of benchmarks/bench_plan_memory.py: RSS growth over 2 training steps in a fresh process."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan_memory.py"
+    layers, width, latents, batch = 8, 512, 4096, 256
+    cmd = [sys.executable, str(bench), "--worker", str(layers), str(width), str(latents), "0", str(batch), "adafactor"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])["measured_bytes"]
+    config = CLTConfig(n_layers=layers, d_model=width, n_latents=latents, k=32)
+    planned = plan(model_dims_of(config), config, "adafactor", batch_size=batch).gpu_bytes
+    assert abs(measured / planned - 1) < 0.15, (measured, planned)

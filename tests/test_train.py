@@ -1,5 +1,6 @@
 """Trainer: learns, resumes exactly, stops on NaN, rejects mismatches, and data-parallel matches one process."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
+from clt_lite.optim import RECIPES, recipe
 from clt_lite.train import ActivationBatch, TrainConfig, TrainingDiverged, latest_checkpoint, lr_at, train
 
 torch.set_num_threads(1)
@@ -95,14 +97,16 @@ def test_training_reduces_fvu_and_reports_metrics(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-00000150"
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(tokens=64 * 12, checkpoint_every=5, **FAST)
-    full = train(CLT, cfg, SyntheticSource(), tmp_path / "full", progress=False)
+@pytest.mark.parametrize("optimizer", list(RECIPES))
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, optimizer):
+    clt_config = CLTConfig(n_layers=L, d_model=D, n_latents=32, k=4, dtype=recipe(optimizer).param_dtype)
+    cfg = TrainConfig(tokens=64 * 12, checkpoint_every=5, optimizer=optimizer, **FAST)
+    full = train(clt_config, cfg, SyntheticSource(), tmp_path / "full", progress=False)
 
     with pytest.raises(KeyboardInterrupt):
-        train(CLT, cfg, FaultySource(after=1 + 8, fault="kill"), tmp_path / "killed", progress=False)  # 1 init batch
+        train(clt_config, cfg, FaultySource(after=1 + 8, fault="kill"), tmp_path / "killed", progress=False)  # 1 init batch
     assert latest_checkpoint(tmp_path / "killed").name == "step-00000005"
-    resumed = train(CLT, cfg, SyntheticSource(), tmp_path / "killed", progress=False)
+    resumed = train(clt_config, cfg, SyntheticSource(), tmp_path / "killed", progress=False)
 
     assert resumed.history == full.history
     assert resumed.fvu == full.fvu
@@ -133,6 +137,32 @@ def test_mismatches_are_one_line_errors(tmp_path):
         train(CLT, other, SyntheticSource(), tmp_path, progress=False)
     later = TrainConfig(**{**cfg.__dict__, "log_every": 7})  # bookkeeping fields may change on resume
     assert train(CLT, later, SyntheticSource(), tmp_path, progress=False).steps == 2
+    with pytest.raises(ValueError, match=f"^unknown optimizer 'lion'; use one of {', '.join(RECIPES)}$"):
+        TrainConfig(optimizer="lion")
+    bf16 = TrainConfig(**{**cfg.__dict__, "optimizer": "adam-bf16"})
+    with pytest.raises(ValueError, match=r"trains bfloat16 parameters but the CLT config says dtype='float32'"):
+        train(CLT, bf16, SyntheticSource(), tmp_path / "bf16", progress=False)
+
+
+class ShapeOnlySource:
+    """A source that has the sizes and scales but yields nothing: the memory check must come first."""
+
+    def __init__(self, n_layers: int, d_model: int):
+        self.n_layers, self.d_model, self.input_site = n_layers, d_model, "resid_mid"
+        self.input_scale = self.target_scale = torch.ones(n_layers)
+
+    def batches(self, batch_size, split="train", seed=0):
+        raise AssertionError("read a batch before checking the memory")
+
+
+def test_config_that_does_not_fit_fails_before_allocating(tmp_path):
+    huge = CLTConfig(n_layers=32, d_model=4096, expansion_factor=256, k=64)  # 600e9 parameters, ~9 TB with Adam
+    cfg = TrainConfig(tokens=4096, batch_size=4096, device="cpu")
+    pattern = (r"^CLT does not fit this machine's RAM \(.* GiB\): needs .* = weights .* \+ gradients .* \+ optimizer "
+               r"\(adam\) .* \+ batch .* GiB; nearest that fits: optimizer='[\w-]+', n_latents=\d+ \((float32|bfloat16)\)$")
+    with pytest.raises(ValueError, match=pattern):
+        train(huge, cfg, ShapeOnlySource(32, 4096), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("activation", ["batchtopk", "jumprelu"])
@@ -157,14 +187,18 @@ train(CLT, TrainConfig(tokens=64 * 6, checkpoint_every=3, **FAST), SyntheticSour
 """
 
 
-def test_data_parallel_matches_single_process(tmp_path):
+def torchrun(tmp_path: Path, script: str, out_dir: Path) -> subprocess.CompletedProcess:
+    """Run `script` (a DDP_SCRIPT-like template) on 2 CPU processes (gloo) with torchrun."""
     here = Path(__file__).resolve().parent
-    script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(here), repo=str(here.parent))))
+    path = tmp_path / "ddp_run.py"
+    path.write_text(textwrap.dedent(script.format(tests=str(here), repo=str(here.parent))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path / "ddp")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(path), str(out_dir)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_data_parallel_matches_single_process(tmp_path):
+    done = torchrun(tmp_path, DDP_SCRIPT, tmp_path / "ddp")
     assert done.returncode == 0, done.stderr[-3000:]
 
     single = train(CLT, TrainConfig(tokens=64 * 6, checkpoint_every=3, **FAST), SyntheticSource(), tmp_path / "one",
@@ -172,3 +206,32 @@ def test_data_parallel_matches_single_process(tmp_path):
     assert single.steps == 6
     for (name, a), b in zip(weights(tmp_path / "one").items(), weights(tmp_path / "ddp").values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+DDP_KILLED_SCRIPT = DDP_SCRIPT.replace("SyntheticSource(), sys.argv[1]", "FaultySource(after=1 + 4, fault='kill'), sys.argv[1]")
+DDP_KILLED_SCRIPT = DDP_KILLED_SCRIPT.replace("from test_train import CLT, FAST, SyntheticSource",
+                                              "from test_train import CLT, FAST, FaultySource")
+
+
+@pytest.mark.parametrize("optimizer", list(RECIPES))
+def test_resume_on_another_world_size(tmp_path, optimizer):
+    """Killed after step 4 on 2 DDP processes (checkpoint at 3), resumed on 1: matches one process throughout.
+
+    The low-memory recipes step each parameter during backward on one process, after DDP's all-reduce on two."""
+    dtype = recipe(optimizer).param_dtype
+    script = DDP_KILLED_SCRIPT.replace("checkpoint_every=3,", f"checkpoint_every=3, optimizer={optimizer!r},")
+    script = script.replace("train(CLT,", f"train(dataclasses.replace(CLT, dtype={dtype!r}),")
+    script = script.replace("import os, sys, torch", "import dataclasses, os, sys, torch")
+    done = torchrun(tmp_path, script, tmp_path / "run")
+    assert done.returncode != 0 and "simulated kill" in done.stderr
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000003"
+    cfg = TrainConfig(tokens=64 * 6, checkpoint_every=3, optimizer=optimizer, **FAST)
+    clt_config = dataclasses.replace(CLT, dtype=dtype)
+    resumed = train(clt_config, cfg, SyntheticSource(), tmp_path / "run", progress=False)
+    single = train(clt_config, cfg, SyntheticSource(), tmp_path / "one", progress=False)
+    assert resumed.steps == single.steps == 6
+    # bf16 gradients summed in another order differ by ulps; Adam divides by sqrt(v), so where a gradient is near
+    # zero that can move a weight by up to one step (lr = 1e-2): measured 7.6e-3 at most, on 14% of W_dec[0].
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=2**-6, atol=FAST["lr"])
+    for (name, a), b in zip(weights(tmp_path / "one").items(), weights(tmp_path / "run").values()):
+        torch.testing.assert_close(a, b, **tolerance, msg=name)

@@ -1,0 +1,112 @@
+"""The planner's memory per device against the measured peak of real training steps on the CPU, in one run.
+
+Each configuration runs in a fresh child process: it first runs one step of a tiny CLT with the same recipe
+(so torch's kernels and allocator pools are loaded), reads its resident set size, then builds the real CLT
+and runs `--steps` training steps (the trainer's loss, backward, the recipe's optimizer). The measured peak
+is ru_maxrss minus that baseline; the planner's number is Plan.gpu_bytes (weights + gradients alive at once
++ optimizer states + step temporary + batch activations). Random activations stand in for a model.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_plan_memory.py --out benchmarks/results/plan-memory-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clt_lite.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
+from clt_lite.optim import RECIPES, make_optimizer, recipe  # noqa: E402
+from clt_lite.plan import ModelDims, plan  # noqa: E402
+from clt_lite.train import TrainConfig, _loss, _Ranks  # noqa: E402
+
+# (layers, width, latents per layer, cross_layer (0 = full), tokens per step)
+CONFIGS = [(8, 512, 4096, 0, 256), (8, 256, 2048, 0, 256), (16, 256, 4096, 0, 256), (16, 512, 4096, 1, 256)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--optimizers", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--steps", type=int, default=2, help="training steps measured per configuration")
+    p.add_argument("--out", type=Path, help="also write the table as JSON here")
+    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def rss_bytes() -> int:
+    """Current resident set size (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def clt_config(layers: int, width: int, latents: int, cross_layer: int, optimizer: str) -> CLTConfig:
+    return CLTConfig(n_layers=layers, d_model=width, n_latents=latents, k=32, cross_layer=cross_layer,
+                     dtype=recipe(optimizer).param_dtype)
+
+
+def train_steps(config: CLTConfig, optimizer: str, batch_size: int, steps: int) -> None:
+    """`steps` training steps exactly as clt_lite.train runs them on one process (fresh run: no dead latents)."""
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(config)
+    opt = make_optimizer(optimizer, [p for p in clt.parameters() if p.requires_grad], 1e-3, (0.9, 0.999))
+    cfg = TrainConfig(tokens=batch_size * steps, batch_size=batch_size, optimizer=optimizer, device="cpu")
+    dead = torch.zeros(config.n_layers, config.num_latents, dtype=torch.bool)
+    for _ in range(steps):
+        x = torch.randn(batch_size, config.n_layers, config.d_model).to(clt.b_dec.dtype)
+        y = torch.randn(batch_size, config.n_layers, config.d_model)
+        loss, _, _ = _loss(clt, clt, cfg, x, y, dead, batch_size, _Ranks(0, 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def worker(layers: int, width: int, latents: int, cross_layer: int, batch_size: int, optimizer: str,
+           steps: int) -> dict:
+    torch.set_num_threads(1)
+    train_steps(clt_config(2, 16, 64, 0, optimizer), optimizer, 8, 2)  # load kernels and pools first
+    base = rss_bytes()
+    train_steps(clt_config(layers, width, latents, cross_layer, optimizer), optimizer, batch_size, steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"measured_bytes": peak - base, "base_bytes": base}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*map(int, args.worker[:5]), args.worker[5], args.steps)))
+        return []
+    rows = []
+    print(f"{'config':<32} {'optimizer':<15} {'planned MiB':>12} {'measured MiB':>13} {'measured/planned':>17}")
+    for layers, width, latents, cross_layer, batch_size in CONFIGS:
+        for name in args.optimizers:
+            config = clt_config(layers, width, latents, cross_layer, name)
+            p = plan(ModelDims(layers, width, f"{layers}x{width}"), config, name, batch_size=batch_size)
+            cmd = [sys.executable, __file__, "--steps", str(args.steps), "--worker",
+                   *map(str, (layers, width, latents, cross_layer, batch_size)), name]
+            done = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1"})
+            if done.returncode != 0:
+                raise SystemExit(f"worker failed: {done.stderr.strip().splitlines()[-1]}")
+            measured = json.loads(done.stdout.strip().splitlines()[-1])["measured_bytes"]
+            label = f"L={layers} d={width} n={latents} {'full' if cross_layer == 0 else f'C={cross_layer}'} B={batch_size}"
+            row = {"config": label, "optimizer": name, "planned_bytes": p.gpu_bytes, "measured_bytes": measured,
+                   "ratio": measured / p.gpu_bytes, "params": p.total_params, "planned": {
+                       "weights": p.weight_bytes, "grads": p.grad_bytes, "optimizer": p.optimizer_bytes,
+                       "step_temporary": p.optimizer_step_bytes, "batch": p.batch_bytes}}
+            rows.append(row)
+            print(f"{label:<32} {name:<15} {p.gpu_bytes / 2**20:>12,.0f} {measured / 2**20:>13,.0f} "
+                  f"{row['ratio']:>17.3f}", flush=True)
+    worst = max(abs(r["ratio"] - 1) for r in rows)
+    print(f"largest disagreement: {worst:.1%}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"steps": args.steps, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
