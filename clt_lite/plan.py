@@ -243,6 +243,20 @@ def format_gpus(p: Plan) -> str:
             f"sharded (FSDP, not in the trainer yet) it would need {p.sharded_gpus_needed} x {p.device.name}")
 
 
+def format_recipes(dims: ModelDims, clt_config: CLTConfig, device: DeviceSpec, batch_size: int = 4096) -> str:
+    """One line per optimizer recipe the trainer implements: memory per GPU, whether one `device` holds it,
+    the tokens/s bound, and how many devices a sharded run would need."""
+    from .optim import RECIPES
+
+    lines = [f"{'recipe':<10} {'param dtype':<11} {'GiB per GPU':>11}  {'fits 1 x ' + device.name:<13} "
+             f"{'tokens/s bound':>14}  {'sharded GPUs':>12}"]
+    for name, spec in RECIPES.items():
+        p = plan(dims, clt_config, name, device=device, batch_size=batch_size)
+        lines.append(f"{name:<10} {spec.param_dtype:<11} {p.gpu_bytes / GiB:>11,.1f}  {'YES' if p.fits else 'no':<13} "
+                     f"{p.max_tokens_per_s:>14,.0f}  {p.sharded_gpus_needed:>12}")
+    return "\n".join(lines)
+
+
 def nearest_fit(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer: str, batch_size: int,
                 gpus: int = 1) -> tuple[str, CLTConfig] | None:
     """The closest (recipe, config) that fits `memory` bytes per GPU: another recipe at the same size first,

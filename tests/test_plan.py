@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
-from clt_lite.plan import (DEVICE_PRESETS, GiB, check_fits, format_gpus, format_plan, model_dims, param_shapes, plan,
-                           targets_sources_table)
+from clt_lite.plan import (DEVICE_PRESETS, GiB, check_fits, format_gpus, format_plan, format_recipes, model_dims,
+                           param_shapes, plan, targets_sources_table)
 
 LLAVA = model_dims("llava-1.5-7b")
 
@@ -152,3 +152,10 @@ def test_planner_matches_the_measured_peak_of_training_steps():
     config = CLTConfig(n_layers=layers, d_model=width, n_latents=latents, k=32)
     planned = plan(model_dims_of(config), config, "adafactor", batch_size=batch).gpu_bytes
     assert abs(measured / planned - 1) < 0.15, (measured, planned)
+
+
+def test_format_recipes_lists_every_recipe_and_only_the_low_memory_ones_fit_an_h200():
+    big = CLTConfig(n_layers=32, d_model=4096, n_latents=8192, k=64, cross_layer=0)
+    rows = format_recipes(model_dims("llava-1.5-7b"), big, DEVICE_PRESETS["h200"]).splitlines()
+    verdicts = {row.split()[0]: row.split()[3] for row in rows[1:]}
+    assert verdicts == {"adam": "no", "adam-bf16": "YES", "adafactor": "YES"}
