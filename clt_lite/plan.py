@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 from .clt import CLTConfig
-from .optim import grad_bytes, recipe, state_bytes, step_bytes
+from .optim import RECIPES, grad_bytes, recipe, state_bytes, step_bytes
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 GiB = 2**30
@@ -185,7 +185,7 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
         bandwidth = batch_size * device.bandwidth / step_bytes_moved
         best = min(compute, bandwidth)
         fits = training_bytes + batch_bytes <= device.memory
-        sharded = max(1, math.ceil((training_bytes + 4 * batch_size * L * (3 * d + 2 * n)) / device.memory))
+        sharded = max(1, math.ceil((training_bytes + batch_bytes * gpus) / device.memory))  # the whole batch
     return Plan(
         model=dims, config=clt_config, decoder_matrices=pairs, encoder_params=encoder, decoder_params=decoder,
         total_params=total, weight_bytes=weight_bytes, grad_bytes=grads, optimizer_bytes=optimizer_bytes,
@@ -246,8 +246,6 @@ def format_gpus(p: Plan) -> str:
 def format_recipes(dims: ModelDims, clt_config: CLTConfig, device: DeviceSpec, batch_size: int = 4096) -> str:
     """One line per optimizer recipe the trainer implements: memory per GPU, whether one `device` holds it,
     the tokens/s bound, and how many devices a sharded run would need."""
-    from .optim import RECIPES
-
     lines = [f"{'recipe':<10} {'param dtype':<11} {'GiB per GPU':>11}  {'fits 1 x ' + device.name:<13} "
              f"{'tokens/s bound':>14}  {'sharded GPUs':>12}"]
     for name, spec in RECIPES.items():
@@ -261,10 +259,6 @@ def nearest_fit(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer
                 gpus: int = 1) -> tuple[str, CLTConfig] | None:
     """The closest (recipe, config) that fits `memory` bytes per GPU: another recipe at the same size first,
     then this recipe (then the others) with latents halved until one fits; None if not even n = k does."""
-    from dataclasses import replace
-
-    from .optim import RECIPES
-
     order = [optimizer] + [name for name in RECIPES if name != optimizer]
     n = clt_config.num_latents
     while n >= clt_config.k:

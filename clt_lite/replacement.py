@@ -282,20 +282,20 @@ def agreement_by_depth(loaded, clt: CrossLayerTranscoder, samples: list[data.Sam
     ]
 
 
-# Columns of the token-match table: (header, format, value). Agreement columns are fractions of positions or
-# answers; divergence columns are KL and cross-entropy increase (nats), which vary more between runs.
+# Columns of the token-match table: (header, width, format, value). Agreement columns are fractions of positions
+# or answers; divergence columns are KL and cross-entropy increase (nats), which vary more between runs.
 AGREEMENT_COLUMNS = (
-    ("top1 text", ">9.3f", lambda r: r.top1_text),
-    ("top1 ans", ">8.3f", lambda r: r.top1_answer),
-    ("top1 filt", ">9.3f", lambda r: r.top1_filtered),
-    ("gen tok", ">7.3f", lambda r: r.generated_token_agreement),
-    ("gen exact", ">9.3f", lambda r: r.generated_exact_match),
-    ("acc orig", ">8.3f", lambda r: r.accuracy_original["all"]),
-    ("acc repl", ">8.3f", lambda r: r.accuracy_replacement["all"]),
+    ("top1 text", 9, ".3f", lambda r: r.top1_text),
+    ("top1 ans", 8, ".3f", lambda r: r.top1_answer),
+    ("top1 filt", 9, ".3f", lambda r: r.top1_filtered),
+    ("gen tok", 7, ".3f", lambda r: r.generated_token_agreement),
+    ("gen exact", 9, ".3f", lambda r: r.generated_exact_match),
+    ("acc orig", 8, ".3f", lambda r: r.accuracy_original["all"]),
+    ("acc repl", 8, ".3f", lambda r: r.accuracy_replacement["all"]),
 )
 DIVERGENCE_COLUMNS = (
-    ("KL", ">8.4f", lambda r: r.kl),
-    ("dCE ans", ">8.3f", lambda r: r.ce_increase),
+    ("KL", 8, ".4f", lambda r: r.kl),
+    ("dCE ans", 8, ".3f", lambda r: r.ce_increase),
 )
 
 
@@ -319,8 +319,7 @@ def versus_sentence(ours: TokenMatch, theirs: TokenMatch, our_name: str, their_n
 
 def format_table(rows: list[TokenMatch], columns=AGREEMENT_COLUMNS + DIVERGENCE_COLUMNS) -> str:
     """The token-match table, one replacement per line; `columns` picks AGREEMENT_COLUMNS, DIVERGENCE_COLUMNS or all."""
-    widths = [max(len(header), int(fmt.lstrip("<>^").split(".")[0])) for header, fmt, _ in columns]
-    lines = [f"{'replacement':<26}" + " ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths))]
+    lines = [f"{'replacement':<26}" + " ".join(f"{header:>{width}}" for header, width, _, _ in columns)]
     for r in rows:
-        lines.append(f"{r.name:<26}" + " ".join(f"{value(r):{fmt}}".rjust(w) for (_, fmt, value), w in zip(columns, widths)))
+        lines.append(f"{r.name:<26}" + " ".join(f"{value(r):>{width}{spec}}" for _, width, spec, value in columns))
     return "\n".join(lines)
