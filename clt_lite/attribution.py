@@ -681,16 +681,18 @@ class GroundTruth(NamedTuple):
     per_family: dict[str, FamilyHits]  # the same per question family
 
 
-def ground_truth_samples(n: int, seed: int = 0) -> list[data.Sample]:
-    """n held-out (test split) ShapesWorld questions about one object, the families taking turns."""
-    per_family = [data.shapes_world(-(-n // len(SINGLE_OBJECT_FAMILIES)), "test", seed, family=f) for f in SINGLE_OBJECT_FAMILIES]
+def ground_truth_samples(loaded: LoadedModel, n: int, seed: int = 0) -> list[data.Sample]:
+    """n held-out (test split) ShapesWorld questions about one object at the model's image geometry, the families taking turns."""
+    per_family = [data.shapes_world(-(-n // len(SINGLE_OBJECT_FAMILIES)), "test", seed, loaded.world, family=f)
+                  for f in SINGLE_OBJECT_FAMILIES]
     return [s for group in zip(*per_family) for s in group][:n]
 
 
 def ground_truth_hit_rate(loaded: LoadedModel, clt: CrossLayerTranscoder, samples: Sequence[data.Sample],
-                          world: data.WorldConfig = data.WorldConfig(), **attribute_kwargs) -> GroundTruth:
+                          **attribute_kwargs) -> GroundTruth:
     """Attribute each single-object ShapesWorld sample (colour, shape, describe) to its answer's first token
-    and check whether the top patch (graph influence; gradient x input baseline) falls in the object's cell.
+    and check whether the top patch (graph influence; gradient x input baseline) falls in the object's cell
+    (cells map to patches by the model's own geometry, `loaded.world`; render the samples with it).
 
     Other samples (count, exists, user data) are skipped: they have no single ground-truth cell.
     """
@@ -700,7 +702,7 @@ def ground_truth_hit_rate(loaded: LoadedModel, clt: CrossLayerTranscoder, sample
             continue
         token = answer_token(loaded, sample.answer)
         graph = attribute(loaded, clt, sample, target_token=token, **attribute_kwargs)
-        cell = set(world.cell_patches(sample.target_cells[0]))
+        cell = set(loaded.world.cell_patches(sample.target_cells[0]))
         by_graph = int(patch_influence(graph).argmax()) in cell
         by_gradient = int(gradient_x_input(loaded, sample, token).argmax()) in cell
         hits.setdefault(sample.family, []).append((by_graph, by_gradient))

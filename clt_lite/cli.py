@@ -65,7 +65,7 @@ def _cmd_capture(args) -> dict:
     from .store import CaptureConfig, capture
 
     loaded = models.load(args.model, device=args.device)
-    samples = data.parse_data_spec(args.data, "train", args.seed)
+    samples = data.parse_data_spec(args.data, "train", args.seed, loaded.world)
     config = CaptureConfig(dtype=args.dtype, max_tokens=args.tokens, input_sites=tuple(args.input_sites))
     summary = capture(loaded, samples, args.out, config,
                       data_id=f"{args.data}:seed{args.seed}", progress=not args.json)
@@ -93,11 +93,11 @@ def _cmd_evaluate(args) -> dict:
     from .clt import CrossLayerTranscoder
 
     loaded = models.load(args.model, device=args.device)
-    samples = data.parse_data_spec(args.data, "test", args.seed)
+    samples = data.parse_data_spec(args.data, "test", args.seed, loaded.world)
     replacements = [R.Replacement("clt", CrossLayerTranscoder.load(args.clt, loaded.model.device), name="CLT")]
     if args.plt:
         replacements.append(R.Replacement("clt", CrossLayerTranscoder.load(args.plt, loaded.model.device), name="PLT"))
-    means = R.mlp_out_means(loaded.model, loaded.processor, data.parse_data_spec(args.data, "train", args.seed))
+    means = R.mlp_out_means(loaded.model, loaded.processor, data.parse_data_spec(args.data, "train", args.seed, loaded.world))
     replacements += [R.Replacement("zero"), R.Replacement("mean", means=means)]
     rows = [R.token_match(loaded, r, samples) for r in replacements]
     print(R.format_table(rows))
@@ -111,7 +111,7 @@ def _cmd_attribute(args) -> dict:
     loaded = models.load(args.model, device=args.device)
     clt = CrossLayerTranscoder.load(args.clt, loaded.model.device)
     if args.ground_truth:
-        truth = attribution.ground_truth_hit_rate(loaded, clt, attribution.ground_truth_samples(args.ground_truth, args.seed),
+        truth = attribution.ground_truth_hit_rate(loaded, clt, attribution.ground_truth_samples(loaded, args.ground_truth, args.seed),
                                                   max_feature_nodes=args.max_feature_nodes)
         print(f"top patch inside the object's cell: graph {truth.graph_hit_rate:.3f}, "
               f"gradient x input {truth.gradient_hit_rate:.3f} ({truth.n} prompts)")

@@ -14,8 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import data
-from .clt import CLTConfig, CrossLayerTranscoder
-from .store import ActivationStore, CaptureConfig, CaptureSummary, capture
+from .clt import CLTConfig, CrossLayerTranscoder, atomic_write
+from .store import ActivationStore, CaptureConfig, CaptureSummary, StreamingSource, capture
 from .train import TrainConfig, TrainResult, train
 
 
@@ -39,14 +39,43 @@ def capture_shapes(loaded, n_samples: int, run_dir: str | Path, seed: int = 0, d
     config = CaptureConfig(dtype=dtype, input_sites=COURSE_INPUT_SITES)
     path = cache_path(run_dir, "acts", model=loaded.name, weights=loaded.fingerprint(), n_samples=n_samples, seed=seed,
                       dtype=dtype, input_sites=COURSE_INPUT_SITES)
-    samples = data.iter_shapes_world(n_samples, "train", seed)
+    samples = data.iter_shapes_world(n_samples, "train", seed, loaded.world)
     summary = capture(loaded, samples, path, config, data_id=f"shapes:{n_samples}:seed{seed}", progress=progress)
     return ActivationStore(path), summary
 
 
-def train_clt(source: ActivationStore, run_dir: str | Path, clt_config: CLTConfig, train_config: TrainConfig,
-              progress: bool = True) -> tuple[CrossLayerTranscoder, TrainResult]:
-    """Train (or resume, or just reload) a CLT on a store; cached by store and configs."""
-    path = cache_path(run_dir, "clt", store=source.path.name, clt=asdict(clt_config), train=asdict(train_config))
-    result = train(clt_config, train_config, source, path, progress=progress)
+def training_source(loaded, run_dir: str | Path, stream: bool, capture_samples: int, seed: int = 0,
+                    store_dtype: str = "float16", input_site: str = "mlp_in", progress: bool = True) -> ActivationStore | StreamingSource:
+    """Where a course CLT's training activations come from.
+
+    stream=False: notebook 02's cached store of `capture_samples` samples (reused every epoch).
+    stream=True: fresh ShapesWorld samples run through the model on the fly, never stored (the only
+    option at LLaVA-7B scale, 512 KiB per token); normalised like a store, and a resumed training run
+    replays the same stream, so it continues at the same batch. Then `capture_samples` held-out samples
+    serve as the val split, and as many train samples fix the normalisation scales.
+    """
+    if not stream:
+        acts, _ = capture_shapes(loaded, capture_samples, run_dir, seed=seed, dtype=store_dtype, progress=progress)
+        return acts if input_site == acts.input_site else ActivationStore(acts.path, input_site=input_site)
+    world = loaded.world
+    return StreamingSource(loaded, lambda: data.iter_shapes_world(None, "train", seed, world), input_site=input_site,
+                           val_samples=data.shapes_world(capture_samples, "val", seed, world), scale_samples=capture_samples,
+                           name=f"stream-{loaded.name}-{loaded.fingerprint()}-seed{seed}-n{capture_samples}-{input_site}")
+
+
+def train_clt(source: ActivationStore | StreamingSource, run_dir: str | Path, clt_config: CLTConfig,
+              train_config: TrainConfig, progress: bool = True) -> tuple[CrossLayerTranscoder, TrainResult]:
+    """Train (or resume, or just reload) a CLT on a store or a `training_source` stream; cached by source and configs.
+
+    A finished run's result is kept beside it (result.json), so a reload neither re-runs validation nor, for a
+    stream, re-runs the model to re-estimate its scales: notebooks 04-06 reload in seconds at any model size.
+    """
+    source_key = source.path.name if isinstance(source, ActivationStore) else source.name
+    path = cache_path(run_dir, "clt", store=source_key, clt=asdict(clt_config), train=asdict(train_config))
+    saved = path / "result.json"
+    if saved.is_file():
+        result = TrainResult(**json.loads(saved.read_text()))
+    else:
+        result = train(clt_config, train_config, source, path, progress=progress)
+        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(result._asdict())))
     return CrossLayerTranscoder.load(path), result

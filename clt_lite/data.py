@@ -45,6 +45,11 @@ class WorldConfig:
     max_objects: int = 3  # 1..max_objects shapes per image
     noise: float = 6.0  # std of per-pixel Gaussian noise (0-255 scale)
 
+    def __post_init__(self) -> None:
+        if self.image_size % self.grid or self.cell_size % self.patch_size:
+            raise ValueError(f"a {self.image_size}px image in a {self.grid}x{self.grid} grid of {self.patch_size}px patches "
+                             f"does not split into whole patches per cell; use an image size divisible by {self.grid * self.patch_size}")
+
     @property
     def cell_size(self) -> int:
         return self.image_size // self.grid
@@ -293,11 +298,11 @@ def bundled_photos() -> dict[str, Path]:
     return {name: path for name, path in sorted(photos.items()) if path.exists()}
 
 
-def parse_data_spec(spec: str, split: str = "train", seed: int = 0) -> list[Sample]:
-    """'shapes:N' or 'jsonl:PATH' as used on the command line."""
+def parse_data_spec(spec: str, split: str = "train", seed: int = 0, world: WorldConfig = WorldConfig()) -> list[Sample]:
+    """'shapes:N' (rendered with `world`: pass the model's, `LoadedModel.world`) or 'jsonl:PATH' as used on the command line."""
     kind, _, value = spec.partition(":")
     if kind == "shapes" and value.isdigit() and int(value) > 0:
-        return shapes_world(int(value), split, seed)
+        return shapes_world(int(value), split, seed, world)
     if kind == "jsonl" and value:
         return load_jsonl(value)
     raise ValueError(f"bad data spec {spec!r}; use shapes:N (N > 0) or jsonl:PATH")

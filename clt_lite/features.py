@@ -102,10 +102,11 @@ def steered_answer(loaded: models.LoadedModel, clt: CrossLayerTranscoder, sample
         return models.generate_answers(loaded, [sample])[0]
 
 
-def store_sample(store: ActivationStore, index: int) -> data.Sample:
-    """Rebuild the ShapesWorld sample behind a store's sample index (the store keeps activations, not images)."""
+def store_sample(store: ActivationStore, index: int, world: data.WorldConfig) -> data.Sample:
+    """Rebuild the ShapesWorld sample behind a store's sample index (the store keeps activations, not images);
+    world: the capturing model's geometry (`LoadedModel.world`)."""
     spec = store.manifest["args"]["data"]
     split_seed = spec.rsplit(":seed", 1)
     if not spec.startswith("shapes:") or len(split_seed) != 2:
         raise ValueError(f"store {store.path} was not captured from ShapesWorld ({spec!r}); its images cannot be rebuilt")
-    return data.shapes_sample(index, "train", int(split_seed[1]))
+    return data.shapes_sample(index, "train", int(split_seed[1]), world)

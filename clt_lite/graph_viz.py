@@ -69,12 +69,11 @@ def draw_graph(graph: AttributionGraph, pruned: Pruned | None = None, max_edges:
     return fig
 
 
-def patch_heatmap(graph: AttributionGraph, scores: torch.Tensor | None = None, world: WorldConfig = WorldConfig(),
-                  title: str | None = None):
+def patch_heatmap(graph: AttributionGraph, scores: torch.Tensor | None = None, title: str | None = None):
     """Influence of each image patch (default: on the target logit) over the image, ground-truth cell outlined.
 
-    The side x side patch grid is upsampled onto the image as shown to the model (resized to the
-    vision tower's input size when it differs).
+    The grid side comes from the number of patch scores (6x6 on the toy, 24x24 on LLaVA-1.5-7B); the image
+    is center-cropped to a square as the CLIP processor does, and the grid is stretched over it.
     """
     if graph.sample is None or graph.sample.image is None:
         raise ValueError("the graph has no image: build it with attribution.attribute from a sample with an image")
@@ -82,16 +81,20 @@ def patch_heatmap(graph: AttributionGraph, scores: torch.Tensor | None = None, w
     side = round(len(scores) ** 0.5)
     if side * side != len(scores):
         raise ValueError(f"{len(scores)} patch scores do not form a square grid")
-    image = graph.sample.image.resize((world.image_size, world.image_size))
+    image = graph.sample.image
+    size = min(image.size)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     ax.imshow(image, interpolation="nearest")
-    extent = (-0.5, world.image_size - 0.5, world.image_size - 0.5, -0.5)
+    extent = (-0.5, size - 0.5, size - 0.5, -0.5)
     shown = ax.imshow(scores.reshape(side, side).float().numpy(), cmap="magma", alpha=0.55, extent=extent,
                       interpolation="nearest")
-    if len(graph.sample.target_cells) == 1:
-        row, col = divmod(graph.sample.target_cells[0], world.grid)
-        size = world.cell_size
-        ax.add_patch(Rectangle((col * size - 0.5, row * size - 0.5), size, size, fill=False, edgecolor="cyan", lw=2))
+    if len(graph.sample.target_cells) == 1:  # ShapesWorld: cells of a grid x grid layout over the whole image
+        grid = WorldConfig.grid
+        row, col = divmod(graph.sample.target_cells[0], grid)
+        cell = size / grid
+        ax.add_patch(Rectangle((col * cell - 0.5, row * cell - 0.5), cell, cell, fill=False, edgecolor="cyan", lw=2))
     fig.colorbar(shown, ax=ax, fraction=0.046, label="influence")
     ax.set_title(title or f"{graph.sample.question}\n→ {graph.logit_strings[0]!r}", fontsize=8)
     ax.axis("off")

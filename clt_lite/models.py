@@ -32,6 +32,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use --dtype float16 (or float32)")
     return DTYPES[dtype]
 
 
@@ -67,45 +69,89 @@ class LoadedModel(NamedTuple):
     def d_model(self) -> int:
         return self.model.config.text_config.hidden_size
 
+    @property
+    def world(self):
+        """ShapesWorld geometry at the vision tower's resolution and patch size, so rendered images need no
+        resizing and a grid cell maps to the right patches (6x6 patches on the toy, 24x24 on LLaVA-1.5-7B)."""
+        from .data import WorldConfig
 
-def random_config(preset: str):
-    """Config of a named architecture, for random-weight dry runs (no download)."""
+        vision = self.model.config.vision_config
+        return WorldConfig(image_size=vision.image_size, patch_size=vision.patch_size)
+
+    @property
+    def is_random(self) -> bool:
+        """Random weights (a `random:` preset): shapes are real, answers and quality numbers mean nothing."""
+        return self.name.startswith("random:")
+
+
+RANDOM_OVERRIDES = {"layers": "num_hidden_layers of the language model", "vision_layers": "num_hidden_layers of the CLIP tower"}
+
+
+def parse_random(name: str) -> tuple[str, dict[str, int]]:
+    """'random:<preset>[@key=N[,key=N]]' -> (preset, overrides); keys in RANDOM_OVERRIDES.
+
+    `random:llava-1.5-7b@layers=2` is LLaVA-1.5-7B at full width with 2 decoder layers: real
+    shapes, small enough for a CPU. Errors are one line and name what to change.
+    """
+    spec = name.removeprefix("random:")
+    preset, _, tail = spec.partition("@")
+    if preset not in RANDOM_PRESETS:
+        raise ValueError(f"unknown random preset {preset!r}; choose from {', '.join(RANDOM_PRESETS)}")
+    overrides: dict[str, int] = {}
+    for item in tail.split(",") if tail else []:
+        key, _, value = item.partition("=")
+        if key not in RANDOM_OVERRIDES:
+            raise ValueError(f"unknown override {key!r} in {name!r}; use {', '.join(RANDOM_OVERRIDES)}, e.g. random:{preset}@layers=2")
+        if not value.isdigit():
+            raise ValueError(f"override {key}={value!r} in {name!r} is not a whole number; e.g. random:{preset}@{key}=2")
+        overrides[key] = int(value)
+    return preset, overrides
+
+
+def random_config(name: str):
+    """Config of a named architecture for random-weight dry runs (no download): 'llava-1.5-7b', 'tiny',
+    optionally with depth overrides ('llava-1.5-7b@layers=2,vision_layers=2'); every other size is the preset's."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+    preset, overrides = parse_random(name)
     if preset == "llava-1.5-7b":  # llava-hf/llava-1.5-7b-hf's config.json
         text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=32001)
         vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                   image_size=336, patch_size=14, projection_dim=768)
-        image_seq = 576
-    elif preset == "tiny":
+        image_token = 32000
+    else:  # "tiny": the toy's geometry (48 px images, 8 px patches) and token layout
         text = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=48, patch_size=8, projection_dim=32)
-        image_seq = 36
-    else:
-        raise ValueError(f"unknown random preset {preset!r}; choose from {', '.join(RANDOM_PRESETS)}")
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=4, image_seq_length=image_seq,
+        image_token = 4
+    for key, config in (("layers", text), ("vision_layers", vision)):
+        depth = overrides.get(key, config.num_hidden_layers)
+        if not 1 <= depth <= config.num_hidden_layers:
+            raise ValueError(f"{key}={depth} in {name!r} is out of range: {preset} has {config.num_hidden_layers}; use 1..{config.num_hidden_layers}")
+        config.num_hidden_layers = depth
+    image_seq = (vision.image_size // vision.patch_size) ** 2
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token, image_seq_length=image_seq,
                        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2)
 
 
 def random_processor(config):
-    """The toy's word-level tokenizer with an image processor sized for `config`.
+    """A LlavaProcessor for `config`: the toy's word-level tokenizer with the model's special-token ids,
+    a CLIP image processor at the tower's resolution, LLaVA-1.5's chat template.
 
     The real SentencePiece vocabulary cannot be downloaded here; token ids of a random
-    model mean nothing anyway. Shapes (image tokens, sequence lengths) are the real ones.
+    model mean nothing anyway. Shapes (image tokens, sequence lengths, vocabulary size) are the real ones.
     """
-    from transformers.models.clip import CLIPImageProcessorPil
-
     from .data import WorldConfig
     from .toy import build_processor
 
-    vision = config.vision_config
-    processor = build_processor(WorldConfig(image_size=vision.image_size, patch_size=vision.patch_size))
-    processor.image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": vision.image_size}, crop_size={"height": vision.image_size, "width": vision.image_size})
-    return processor
+    vision, text = config.vision_config, config.text_config
+    special_ids = {"<unk>": 0, "<s>": text.bos_token_id or 1, "</s>": text.eos_token_id or 2,
+                   "<image>": config.image_token_index, "<pad>": text.pad_token_id if text.pad_token_id is not None else 3}
+    return build_processor(WorldConfig(image_size=vision.image_size, patch_size=vision.patch_size), special_ids=special_ids,
+                           vocab_size=text.vocab_size, model_max_length=text.max_position_embeddings)
 
 
 def load(name: str = TOY_NAME, device: str = "auto", dtype: str | torch.dtype = "auto", seed: int = 0) -> LoadedModel:
@@ -117,7 +163,7 @@ def load(name: str = TOY_NAME, device: str = "auto", dtype: str | torch.dtype = 
     torch_dtype = resolve_dtype(dtype, torch_device)
     hf_logging.disable_progress_bar()  # its bars would land in notebook outputs
     if name.startswith("random:"):
-        config = random_config(name.removeprefix("random:"))
+        config = random_config(name)
         torch.manual_seed(seed)
         with torch.device(torch_device):
             model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype)
@@ -205,6 +251,8 @@ def describe(loaded: LoadedModel) -> str:
         return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M params"
 
     side = vision.image_size // vision.patch_size
+    random_note = ["weights        : random (a dry run at real sizes: shapes, counts and identities are real; answers and "
+                   "quality numbers mean nothing)"] if loaded.is_random else []
     return "\n".join([
         f"vision tower   : CLIP, {vision.num_hidden_layers} layers x width {vision.hidden_size}, "
         f"{vision.image_size}px images in {vision.patch_size}px patches -> {side}x{side} = {side * side} patch tokens "
@@ -212,4 +260,4 @@ def describe(loaded: LoadedModel) -> str:
         f"projector      : {vision.hidden_size} -> {text.hidden_size} -> {text.hidden_size}, GELU ({millions(model.model.multi_modal_projector)})",
         f"language model : Llama, {text.num_hidden_layers} decoder layers x width {text.hidden_size}, MLP width "
         f"{text.intermediate_size}, vocabulary {text.vocab_size} ({millions(model.model.language_model)})",
-    ])
+    ] + random_note)

@@ -50,9 +50,15 @@ DEVICE_PRESETS = {
 
 
 def model_dims(name_or_path: str) -> ModelDims:
-    """A preset name, or a Hugging Face model folder (its config.json; LLaVA's text_config is used)."""
+    """A preset name, a `random:` model name (with its depth overrides), or a Hugging Face model folder
+    (its config.json; LLaVA's text_config is used)."""
     if name_or_path in MODEL_PRESETS:
         return MODEL_PRESETS[name_or_path]
+    if name_or_path.startswith("random:"):
+        from .models import random_config
+
+        text = random_config(name_or_path).text_config
+        return ModelDims(text.num_hidden_layers, text.hidden_size, name_or_path)
     config_path = Path(name_or_path) / "config.json"
     if not config_path.is_file():
         presets = ", ".join(MODEL_PRESETS)
@@ -104,6 +110,18 @@ class TableRow(NamedTuple):
     layer: int  # the layer
     targets: list[int]  # MLP outputs written by this layer's latents
     sources: list[int]  # layers whose latents write this layer's MLP output
+
+
+def storage_advice(tokens: int, bytes_per_token: int, free_bytes: int) -> str:
+    """Store or stream? One line: what storing `tokens` training tokens would take against the free disk.
+
+    Stream when the store would fill more than a quarter of the free disk: the rest is needed for
+    checkpoints (a full CLT at LLaVA-7B width writes ~100 GB of them) and the executed notebooks.
+    """
+    need = tokens * bytes_per_token
+    verdict = "storing them is fine (stream: false)" if need <= free_bytes / 4 else "stream them (stream: true)"
+    return (f"{tokens:,} training tokens x {bytes_per_token:,} B = {need / 1e9:,.1f} GB; {free_bytes / 1e9:,.0f} GB free "
+            f"here: {verdict}")
 
 
 def targets_sources_table(n_layers: int, cross_layer: int) -> list[TableRow]:

@@ -144,21 +144,43 @@ def token_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tok
     return TokenMasks(image, ~padding & ~image & ~bos, padding, bos)
 
 
+def identity_tolerance(dtype: torch.dtype) -> float:
+    """The one tolerance for checks that a recomputation matches the model, relative to the largest magnitude
+    involved (max |diff| / max |value|): one unit in the last place of the model's dtype (torch.finfo eps).
+
+    float32 1.2e-7, bfloat16 7.8e-3, float16 9.8e-4. The residual sum hidden = resid_mid + mlp_out is rounded
+    once to the dtype, at most half an ulp (measured 0.3-0.5 ulp in all three); a norm recomputed on the same
+    device matches exactly. A fixed absolute tolerance cannot serve both float32 and bfloat16.
+    """
+    return torch.finfo(dtype).eps
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: a recomputation's error at the scale of its values."""
+    expected = expected.float().cpu()
+    return ((actual.float().cpu() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
 def identity_errors(model: nn.Module, captured: Captured, hidden_states: Sequence[torch.Tensor]) -> dict[str, float]:
-    """Max |difference| of the two identities the CLT relies on, over all layers:
+    """Relative errors (max |diff| / max |value|, over all layers) of the two identities the CLT relies on:
 
     mlp_in = post_attention_layernorm(resid_mid) and hidden[l+1] = resid_mid[l] + mlp_out[l]
     (checked for l < L-1: the model's last hidden state has the final norm applied).
-    Needs a capture of all three sites over all layers and output_hidden_states=True.
+    Compare them with `identity_tolerance(model dtype)`. Needs a capture of all three sites over all
+    layers and output_hidden_states=True.
     """
     blocks = decoder_layers(model)
     resid_mid, mlp_in, mlp_out = (captured.stack(site).float() for site in SITES)
-    norm_error, residual_error = 0.0, 0.0
+    norm_diff = norm_scale = residual_diff = residual_scale = 0.0
     with torch.no_grad():
         for l, block in enumerate(blocks):
-            normed = block.post_attention_layernorm(resid_mid[..., l, :].to(next(block.parameters()).dtype)).float()
-            norm_error = max(norm_error, (mlp_in[..., l, :] - normed.cpu()).abs().max().item())
+            weight = next(block.parameters())  # the norm runs where the model is; the comparison on the CPU
+            normed = block.post_attention_layernorm(resid_mid[..., l, :].to(weight.device, weight.dtype)).float().cpu()
+            norm_diff = max(norm_diff, (mlp_in[..., l, :] - normed).abs().max().item())
+            norm_scale = max(norm_scale, normed.abs().max().item())
             if l + 1 < len(blocks):
                 after = hidden_states[l + 1].float().cpu()
-                residual_error = max(residual_error, (after - resid_mid[..., l, :] - mlp_out[..., l, :]).abs().max().item())
-    return {"mlp_in = norm(resid_mid)": norm_error, "hidden[l+1] = resid_mid + mlp_out": residual_error}
+                residual_diff = max(residual_diff, (after - resid_mid[..., l, :] - mlp_out[..., l, :]).abs().max().item())
+                residual_scale = max(residual_scale, after.abs().max().item())
+    return {"mlp_in = norm(resid_mid)": norm_diff / max(norm_scale, 1e-30),
+            "hidden[l+1] = resid_mid + mlp_out": residual_diff / max(residual_scale, 1e-30)}

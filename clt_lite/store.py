@@ -650,7 +650,8 @@ class StreamingSource:
     def __init__(self, loaded: LoadedModel, samples: Iterable[Sample] | Callable[[], Iterable[Sample]],
                  layers: Sequence[int] | None = None, input_site: str = "resid_mid", kinds: Sequence[str] = KINDS,
                  val_samples: Sequence[Sample] | None = None, val_fraction: float = 0.1, forward_batch: int = 8,
-                 scale_samples: int = 64, shuffle_buffer: int | None = None, device: str | torch.device | None = None):
+                 scale_samples: int = 64, shuffle_buffer: int | None = None, device: str | torch.device | None = None,
+                 name: str = ""):
         config = CaptureConfig(layers=layers, input_sites=(input_site,), kinds=tuple(kinds), batch_size=forward_batch)
         if not 0 <= val_fraction < 1 or scale_samples < 1:
             raise ValueError(f"need 0 <= val_fraction < 1 and scale_samples >= 1, got {val_fraction}, {scale_samples}")
@@ -658,6 +659,7 @@ class StreamingSource:
         self.layers = config.resolve_layers(loaded.n_layers)
         self.val_samples, self.val_fraction = val_samples, val_fraction
         self.scale_samples, self.shuffle_buffer = scale_samples, shuffle_buffer
+        self.name = name  # what the stream is (model, data, seed, site): caches of CLTs trained on it are keyed by it
         self.device = torch.device(device) if device is not None else next(loaded.model.parameters()).device
         self._scales: tuple[Tensor, Tensor] | None = None
 

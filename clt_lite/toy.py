@@ -63,21 +63,30 @@ class ToyConfig:
     target_accuracy: float = 0.96  # stop early once every family reaches this on validation
 
 
-def build_processor(world: data.WorldConfig = data.WorldConfig()):
-    """Word-level tokenizer (ShapesWorld vocabulary), CLIP image processor, LlavaProcessor."""
+def build_processor(world: data.WorldConfig = data.WorldConfig(), special_ids: dict[str, int] | None = None,
+                    vocab_size: int | None = None, model_max_length: int = 256):
+    """Word-level tokenizer (ShapesWorld vocabulary), CLIP image processor, LlavaProcessor.
+
+    special_ids places the special tokens at another model's ids (default: SPECIAL_TOKENS at 0..4);
+    vocab_size fills the vocabulary up to that size with placeholder tokens, so every id a model of
+    that vocabulary can emit decodes (`random:llava-1.5-7b`: <image> 32000, <pad> 32001, 32064 ids).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlavaProcessor, PreTrainedTokenizerFast
     from transformers.models.clip import CLIPImageProcessorPil
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab = dict(special_ids or {token: i for i, token in enumerate(SPECIAL_TOKENS)})
+    free = (i for i in range(10**9) if i not in vocab.values())
     for word in data.vocabulary():
-        vocab.setdefault(word, len(vocab))
+        vocab.setdefault(word, next(free))
+    for i in range(len(vocab), vocab_size or 0):
+        vocab[f"<unused{i}>"] = next(free)
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=256,
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=model_max_length,
     )
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": world.image_size}, crop_size={"height": world.image_size, "width": world.image_size},

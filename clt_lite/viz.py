@@ -122,13 +122,10 @@ def plot_layer_metrics(results: dict[str, object]):
 
 
 def feature_card(top, samples, tokens: list[str], prompt_acts: torch.Tensor, profile: dict[int, float],
-                 world=None, columns: int = 6):
+                 world, columns: int = 6):
     """One feature at a glance: top-activating samples (patch outlined), activation over a prompt, decoder norms."""
     from matplotlib.patches import Rectangle
 
-    from .data import WorldConfig
-
-    world = world or WorldConfig()
     fig = plt.figure(figsize=(13, 5.6))
     grid = fig.add_gridspec(2, columns, height_ratios=[1, 1.1])
     for i in range(columns):

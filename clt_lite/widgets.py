@@ -51,8 +51,8 @@ class FeatureExplorer:
         self.summary.value = f"<b>layer {layer}, feature {feature}</b>: {fired}; writes to layers {min(self.profile)}..{max(self.profile)}"
         self.plots.clear_output(wait=True)
         with self.plots:
-            fig = viz.feature_card(self.top, [features.store_sample(self.store, t.sample) for t in self.top],
-                                         self.tokens, self.prompt_acts, self.profile)
+            fig = viz.feature_card(self.top, [features.store_sample(self.store, t.sample, self.loaded.world) for t in self.top],
+                                   self.tokens, self.prompt_acts, self.profile, self.loaded.world)
             display(fig)
         plt.close(fig)  # shown once, inside the Output widget
         self.steer()

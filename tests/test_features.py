@@ -38,14 +38,14 @@ def test_top_activations_come_back_to_their_samples(tiny, setup):
     feature = _firing_feature(store, clt)
     top = features.top_activations(store, clt, 1, feature, n=4)
     assert top and all(a.activation >= b.activation for a, b in zip(top, top[1:]))
-    rebuilt = features.store_sample(store, top[0].sample)
+    rebuilt = features.store_sample(store, top[0].sample, tiny.world)
     assert rebuilt.question == data.shapes_world(12, "train", seed=3)[top[0].sample].question
 
 
 def test_activation_over_prompt_matches_the_store(tiny, setup):
     store, clt = setup
     feature = _firing_feature(store, clt)
-    sample = features.store_sample(store, 0)
+    sample = features.store_sample(store, 0, tiny.world)
     tokens, acts = features.activation_over_prompt(tiny, clt, sample, 1, feature)
     rows = [r for r in range(store.n_tokens) if store.metadata.sample[r] == 0]
     raw = store.tokens(slice(rows[0], rows[-1] + 1), "resid_mid")[:, 1] * clt.input_scale[1]
@@ -63,7 +63,7 @@ def test_decoder_profile_covers_the_targets(setup):
 def test_steering_by_one_changes_nothing_and_by_zero_ablates(tiny, setup):
     store, clt = setup
     feature = _firing_feature(store, clt, layer=0)
-    sample = features.store_sample(store, 0)
+    sample = features.store_sample(store, 0, tiny.world)
     batch = data.encode_batch(tiny.processor, [sample], with_answers=True)
     with torch.no_grad():
         reference = tiny.model(**batch.model_inputs(tiny.model)).logits
@@ -88,7 +88,7 @@ def test_explorer_widgets_follow_their_values(tiny, setup):
 
     store, clt = setup
     feature = _firing_feature(store, clt)
-    sample = features.store_sample(store, 0)
+    sample = features.store_sample(store, 0, tiny.world)
     explorer = FeatureExplorer(tiny, clt, store, sample, feature_choices=[(1, feature), (2, 3)])
     explorer.picker.value = (1, feature)
     assert (explorer.layer.value, explorer.feature.value) == (1, feature)
