@@ -8,7 +8,7 @@ CONFIG ?= configs/cpu.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test clean
+.PHONY: setup run test gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ run: setup
 test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout 1800
+
+# Needs CUDA (exits 2 without it): the real LLaVA-1.5-7B architecture with random weights, one JSON line.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --out benchmarks/results/gpu-check.json
 
 clean:
 	rm -rf runs

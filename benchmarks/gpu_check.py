@@ -36,8 +36,12 @@ from clt_lite import data, models, optim, plan, sites, store, train  # noqa: E40
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder, atomic_write  # noqa: E402
 
 DTYPE = "bfloat16"
-NO_CUDA = ("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); "
-           "run it on a machine with an NVIDIA GPU")
+
+
+def no_cuda_message() -> str:
+    cpu_build = f"; torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else ""
+    return (f"gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False{cpu_build}); "
+            "run it on a machine with an NVIDIA GPU and a CUDA build of torch")
 
 
 def log(message: str) -> None:
@@ -164,7 +168,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     if not args.allow_cpu and not torch.cuda.is_available():
-        print(NO_CUDA, file=sys.stderr)
+        print(no_cuda_message(), file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.allow_cpu else "cuda")
     log(f"loading {args.model} ({DTYPE}) on {device} and {args.samples} ShapesWorld samples")
