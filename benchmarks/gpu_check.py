@@ -114,7 +114,8 @@ def identity_phase(loaded: models.LoadedModel, batch: data.EncodedBatch) -> dict
             norm.to(home)
 
 
-def train_phase(loaded: models.LoadedModel, samples: list[data.Sample], args, device: torch.device) -> dict:
+def train_phase(loaded: models.LoadedModel, samples: list[data.Sample], args, device: torch.device,
+                forward_batch: int) -> dict:
     clt_config = CLTConfig(loaded.n_layers, loaded.d_model, expansion_factor=args.expansion, k=args.k,
                            cross_layer=args.cross_layer, input_site="mlp_in",
                            dtype=optim.recipe(args.optimizer).param_dtype)
@@ -122,9 +123,9 @@ def train_phase(loaded: models.LoadedModel, samples: list[data.Sample], args, de
     planned = plan.plan(dims, clt_config, args.optimizer, device="h200", batch_size=args.batch_size)
     config = train.TrainConfig(tokens=args.train_steps * args.batch_size, batch_size=args.batch_size,
                                optimizer=args.optimizer, val_batches=1, device=device.type)
-    # A shuffle buffer of one batch: the default eight (float32, 1 MiB per token at 7B width) would add
-    # 16 GiB beside the CLT and LLaVA's weights on one GPU.
-    source = store.StreamingSource(loaded, samples, input_site="mlp_in", forward_batch=args.forward_batch,
+    # Streamed activations are float32, 1 MiB per token at 7B width, beside a ~114 GiB CLT and 13 GiB of LLaVA:
+    # a shuffle buffer of one batch (the default eight would add 16 GiB) and forward passes of about one batch.
+    source = store.StreamingSource(loaded, samples, input_site="mlp_in", forward_batch=forward_batch,
                                    shuffle_buffer=args.batch_size)
     report = dict.fromkeys(("train_tok_s", "train_peak_gib", "train_baseline_gib", "train_measured_over_planned",
                             "train_steps_done", "train_error"))
@@ -205,7 +206,9 @@ def main() -> int:
         torch.cuda.empty_cache()  # hand cached blocks back before the largest allocation of the run
 
     log(f"training a CLT for {args.train_steps} steps (expansion {args.expansion}, k {args.k}, {args.optimizer})")
-    report.update(train_phase(loaded, samples, args, device))
+    # samples per forward pass that give about one training batch (fewer float32 activations alive at once)
+    report["train_forward_batch"] = max(1, min(args.forward_batch, args.batch_size * len(samples) // tokens))
+    report.update(train_phase(loaded, samples, args, device, report["train_forward_batch"]))
 
     line = json.dumps(report)
     if args.out:
