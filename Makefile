@@ -8,7 +8,7 @@ CONFIG ?= configs/cpu.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test smoke clean
+.PHONY: setup run test smoke gpu-check clean
 
 setup: $(STAMP)
 
@@ -28,9 +28,7 @@ test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout 1800
 
-# LLaVA-1.5-7B's real widths in bfloat16 (2 layers, random weights) through notebooks 01-05 on the CPU.
-smoke: setup
-	$(PY) -m clt_lite notebooks --config configs/llava-7b-smoke.yaml --only 01 02 03 04 05
+.PHONY: setup run test smoke gpu-check clean
 
 clean:
 	rm -rf runs
