@@ -28,7 +28,13 @@ test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout 1800
 
-.PHONY: setup run test smoke gpu-check clean
+# LLaVA-1.5-7B's real widths in bfloat16 (2 layers, random weights) through notebooks 01-05 on the CPU (~7 min).
+smoke: setup
+	$(PY) -m clt_lite notebooks --config configs/llava-7b-smoke.yaml --only 01 02 03 04 05
+
+# Needs CUDA (exits 2 without it): the real LLaVA-1.5-7B architecture with random weights, one JSON line.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --out benchmarks/results/gpu-check.json
 
 clean:
 	rm -rf runs

@@ -5,7 +5,7 @@ Phases, all on the same ShapesWorld samples drawn at the model's image size (336
   forward   the model's forward pass, no hooks: tokens/s
   capture   the same forward with sites.capture of mlp_in + mlp_out on every layer, kept on the GPU
   stream    store.StreamingSource batches, as the trainer reads them (encode + forward + hooks + scale + shuffle)
-  identity  max |error| of the two site identities the CLT relies on, in bf16
+  identity  relative errors of the two site identities the CLT relies on, in bf16, and their tolerance
   train     a short streaming CLT training run: tokens/s and peak memory next to the planner's prediction
 
 forward and capture reuse inputs encoded once, so their ratio isolates the hooks; stream encodes as
@@ -64,9 +64,7 @@ def measure(device: torch.device, fn):
 
 def load(args, device: torch.device) -> tuple[models.LoadedModel, list[data.Sample]]:
     loaded = models.load(args.model, device=device.type, dtype=DTYPE)
-    vision = loaded.model.config.vision_config  # draw images at the tower's size: the processor would resize anyway
-    world = data.WorldConfig(image_size=vision.image_size, patch_size=vision.patch_size)
-    return loaded, data.shapes_world(args.samples, "train", seed=0, world=world)
+    return loaded, data.shapes_world(args.samples, "train", seed=0, world=loaded.world)  # drawn at the tower's size
 
 
 def encode(loaded: models.LoadedModel, samples: list[data.Sample], per_batch: int) -> list[data.EncodedBatch]:
@@ -98,20 +96,11 @@ def stream_phase(loaded: models.LoadedModel, samples: list[data.Sample], args, d
 
 @torch.no_grad()
 def identity_phase(loaded: models.LoadedModel, batch: data.EncodedBatch) -> dict[str, float]:
+    """Relative errors of the two site identities, next to their tolerance (one ulp of the dtype)."""
     model = loaded.model
     with sites.capture(model, sites.SITES) as captured:  # to the CPU (the default): identity_errors compares there
         output = model(**batch.model_inputs(model), output_hidden_states=True, logits_to_keep=1)
-    # identity_errors applies each post_attention_layernorm to the captured CPU resid_mid, so it only runs with the
-    # norms on the CPU: move them (one d-vector each) there for the call, and back.
-    norms = [block.post_attention_layernorm for block in sites.decoder_layers(model)]
-    home = norms[0].weight.device
-    try:
-        for norm in norms:
-            norm.cpu()
-        return sites.identity_errors(model, captured, output.hidden_states)
-    finally:
-        for norm in norms:
-            norm.to(home)
+    return {**sites.identity_errors(model, captured, output.hidden_states), "tolerance": sites.identity_tolerance(model.dtype)}
 
 
 def train_phase(loaded: models.LoadedModel, samples: list[data.Sample], args, device: torch.device,
