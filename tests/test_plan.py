@@ -11,7 +11,8 @@ import pytest
 
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
 from clt_lite.plan import (DEVICE_PRESETS, GiB, check_fits, format_gpus, format_plan, format_recipes, model_dims,
-                           param_shapes, plan, targets_sources_table)
+                           param_shapes, plan, storage_advice, targets_sources_table)
+from clt_lite.store import bytes_per_token
 
 LLAVA = model_dims("llava-1.5-7b")
 
@@ -159,3 +160,15 @@ def test_format_recipes_lists_every_recipe_and_only_the_low_memory_ones_fit_an_h
     rows = format_recipes(model_dims("llava-1.5-7b"), big, DEVICE_PRESETS["h200"]).splitlines()
     verdicts = {row.split()[0]: row.split()[3] for row in rows[1:]}
     assert verdicts == {"adam": "no", "adam-bf16": "YES", "adafactor": "YES"}
+
+
+def test_random_names_size_the_plan_with_their_overrides():
+    assert model_dims("random:llava-1.5-7b@layers=2")[:2] == (2, 4096)
+    assert model_dims("random:llava-1.5-7b")[:2] == (32, 4096)
+
+
+def test_storage_advice_says_when_to_stream():
+    llava = bytes_per_token(32, 4096, "bfloat16")
+    assert llava == 512 * 1024
+    assert "stream them (stream: true)" in storage_advice(4_194_304, llava, 500 * 10**9)  # 2.2 TB > 500 GB / 4
+    assert "storing them is fine" in storage_advice(262_144, 12_288, 500 * 10**9)

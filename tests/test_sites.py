@@ -105,3 +105,24 @@ def test_image_and_prompt_must_agree():
         data.check_image_tokens(["USER: hi ASSISTANT:"], [object()])
     with pytest.raises(ValueError, match="contains <image> but no image"):
         data.check_image_tokens(["USER: <image>\nhi ASSISTANT:"], None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_identities_hold_within_one_ulp_of_the_dtype_and_fail_beyond(dtype):
+    """bfloat16 rounds the residual sum far above float32's rounding: the tolerance follows the dtype."""
+    from clt_lite import models
+
+    loaded = models.load("random:tiny", device="cpu", dtype=dtype)
+    batch = data.encode_batch(loaded.processor, data.shapes_world(2, "test", world=loaded.world), with_answers=True)
+    with sites.capture(loaded.model, sites=sites.SITES) as captured:
+        hidden = _forward(loaded.model, batch, output_hidden_states=True).hidden_states
+    tolerance = sites.identity_tolerance(loaded.model.dtype)
+    assert tolerance == torch.finfo(getattr(torch, dtype)).eps
+    errors = sites.identity_errors(loaded.model, captured, hidden)
+    assert all(0 <= error <= tolerance for error in errors.values()), errors
+    captured["mlp_out"][0] = captured["mlp_out"][0] + 4 * tolerance * hidden[1].float().abs().max()  # four ulps off
+    assert sites.identity_errors(loaded.model, captured, hidden)["hidden[l+1] = resid_mid + mlp_out"] > tolerance
+
+
+def test_relative_error_is_at_the_scale_of_the_values():
+    assert sites.relative_error(torch.tensor([100.0, 1.5]), torch.tensor([100.0, 1.0])) == pytest.approx(0.005)
