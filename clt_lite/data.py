@@ -37,7 +37,8 @@ MAX_IMAGE_PIXELS = 40_000_000  # refuse larger images: they are almost surely a 
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Geometry of ShapesWorld images."""
+    """Geometry of ShapesWorld images. The defaults are the toy's (48 px, 8 px patches: a 6x6 grid); for any
+    other model take its own, `LoadedModel.world` (LLaVA-1.5-7B: 336 px, 14 px patches, 24x24)."""
 
     image_size: int = 48  # pixels per side
     grid: int = 3  # cells per side

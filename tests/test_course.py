@@ -35,3 +35,38 @@ def test_the_stored_source_reads_the_asked_site(tiny, tmp_path):
 def test_shapes_world_refuses_a_geometry_that_splits_patches():
     with pytest.raises(ValueError, match="divisible by 42"):
         data.WorldConfig(image_size=330, patch_size=14)
+
+
+def test_a_killed_streaming_run_resumes_at_the_same_batch(tiny, tmp_path):
+    """The stream is replayed from its start on resume, so the resumed run equals an uninterrupted one."""
+    import torch
+
+    from clt_lite.clt import CrossLayerTranscoder
+    from clt_lite.train import latest_checkpoint, train
+
+    def stream():
+        return course.training_source(tiny, tmp_path / "cache", stream=True, capture_samples=4, seed=3)
+
+    def killed_after(source, after: int):
+        original, produced = source.batches, [0]
+
+        def batches(batch_size, split="train", seed=0):
+            for batch in original(batch_size, split, seed):
+                produced[0] += split == "train"
+                if produced[0] > after:
+                    raise KeyboardInterrupt("simulated kill")
+                yield batch
+        source.batches = batches
+        return source
+
+    clt_config = CLTConfig(n_layers=tiny.n_layers, d_model=tiny.d_model, n_latents=64, k=4, input_site="mlp_in")
+    cfg = TrainConfig(tokens=64 * 6, batch_size=64, device="cpu", val_batches=1, warmup_steps=1, checkpoint_every=3, log_every=1)
+    full = train(clt_config, cfg, stream(), tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(clt_config, cfg, killed_after(stream(), 1 + 4), tmp_path / "killed", progress=False)  # 1 init batch
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000003"
+    resumed = train(clt_config, cfg, stream(), tmp_path / "killed", progress=False)
+    assert resumed.history == full.history and resumed.fvu == full.fvu
+    for a, b in zip(CrossLayerTranscoder.load(tmp_path / "full").state_dict().values(),
+                    CrossLayerTranscoder.load(tmp_path / "killed").state_dict().values()):
+        assert torch.equal(a, b)
