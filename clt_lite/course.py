@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from . import data
+from . import data, optim
 from .clt import CLTConfig, CrossLayerTranscoder, atomic_write
 from .store import ActivationStore, CaptureConfig, CaptureSummary, StreamingSource, capture
 from .train import TrainConfig, TrainResult, train
@@ -61,6 +61,15 @@ def training_source(loaded, run_dir: str | Path, stream: bool, capture_samples: 
     return StreamingSource(loaded, lambda: data.iter_shapes_world(None, "train", seed, world), input_site=input_site,
                            val_samples=data.shapes_world(capture_samples, "val", seed, world), scale_samples=capture_samples,
                            name=f"stream-{loaded.name}-{loaded.fingerprint()}-seed{seed}-n{capture_samples}-{input_site}")
+
+
+def configs(loaded, expansion_factor: int, k: int, cross_layer: int, train_tokens: int, batch_size: int, seed: int = 0,
+            device: str = "auto", optimizer: str = "adam", input_site: str = "mlp_in") -> tuple[CLTConfig, TrainConfig]:
+    """Notebook 03's CLT and training configs from the notebooks' parameters (so 04-06 reload the same CLT);
+    the CLT's dtype is the one the optimizer recipe trains (bfloat16 for adam-bf16)."""
+    clt_config = CLTConfig(n_layers=loaded.n_layers, d_model=loaded.d_model, expansion_factor=expansion_factor, k=k,
+                           cross_layer=cross_layer, input_site=input_site, dtype=optim.recipe(optimizer).param_dtype)
+    return clt_config, TrainConfig(tokens=train_tokens, batch_size=batch_size, seed=seed, device=device, optimizer=optimizer)
 
 
 def train_clt(source: ActivationStore | StreamingSource, run_dir: str | Path, clt_config: CLTConfig,
