@@ -20,6 +20,7 @@ processes or in the other mode.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -305,6 +306,9 @@ def train(clt_config: CLTConfig, train_config: TrainConfig, source: ActivationSo
         return _train(clt_config, train_config, source, Path(out_dir), progress, ranks, device)
     finally:
         if created_group:
+            # Free the wrapped model's reference cycles now: DDP and FSDP keep gloo work objects that would
+            # otherwise be destroyed during interpreter shutdown, which aborts the process now and then (SIGABRT).
+            gc.collect()
             dist.destroy_process_group()
 
 
