@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
 from clt_lite.optim import RECIPES, make_optimizer, recipe  # noqa: E402
+from clt_lite.parallel import Ranks  # noqa: E402
 from clt_lite.plan import ModelDims, plan  # noqa: E402
-from clt_lite.train import TrainConfig, _loss, _Ranks  # noqa: E402
+from clt_lite.train import TrainConfig, _loss  # noqa: E402
 
 # (layers, width, latents per layer, cross_layer (0 = full), tokens per step)
 CONFIGS = [(8, 512, 4096, 0, 256), (8, 256, 2048, 0, 256), (16, 256, 4096, 0, 256), (16, 512, 4096, 1, 256)]
@@ -59,7 +60,7 @@ def train_steps(config: CLTConfig, optimizer: str, batch_size: int, steps: int) 
     for _ in range(steps):
         x = torch.randn(batch_size, config.n_layers, config.d_model).to(clt.b_dec.dtype)
         y = torch.randn(batch_size, config.n_layers, config.d_model)
-        loss, _, _ = _loss(clt, clt, cfg, x, y, dead, batch_size, _Ranks(0, 1))
+        loss, _, _ = _loss(clt, clt, cfg, x, y, dead, batch_size, Ranks(0, 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -79,7 +79,7 @@ def _cmd_train(args) -> dict:
 
     source = ActivationStore(args.acts, input_site=args.input_site)
     config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-                         optimizer=args.optimizer)
+                         optimizer=args.optimizer, parallel=args.parallel)
     clt_config = _clt_config(args, source.n_layers, source.d_model, source.input_site)
     result = train(clt_config, config, source, args.out, progress=not args.json)
     mean_fvu, mean_l0 = sum(result.fvu) / len(result.fvu), sum(result.l0) / len(result.l0)
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--device", default="auto")
     ca.add_argument("--seed", type=int, default=0)
 
+    from .parallel import PARALLEL
+    from .train import TrainConfig
+
     tr = command("train", "train a CLT on a captured store (resumes from its checkpoints)", _cmd_train)
     tr.add_argument("--acts", required=True, type=Path, help="store folder written by capture")
     tr.add_argument("--input-site", choices=["mlp_in", "resid_mid"],
@@ -184,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, type=Path)
     tr.add_argument("--device", default="auto")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--parallel", choices=PARALLEL, default=TrainConfig.parallel,
+                    help="under torchrun: ddp replicates the CLT, fsdp shards it (FSDP2; adam recipes; see `plan --gpus`)")
 
     ev = command("evaluate", "token match of the CLT replacement model against baselines", _cmd_evaluate)
     ev.add_argument("--model", default="tiny-llava-shapes")

@@ -95,8 +95,10 @@ class Plan:
     optimizer: str  # the recipe (clt_lite.optim.RECIPES) the bytes assume
     batch_size: int  # tokens per step, summed over GPUs, used for the bounds
     gpus: int  # data-parallel GPUs (DDP: each holds a full replica and batch_size / gpus tokens)
-    gpu_bytes: int  # memory one GPU needs: training_bytes + batch_bytes
-    sharded_gpus_needed: int | None  # fewest devices holding weights, grads, states and batch if sharded (FSDP, not in the trainer)
+    gpu_bytes: int  # memory one GPU needs on one process or under DDP: training_bytes + batch_bytes
+    fsdp_gpu_bytes: int | None  # per GPU under the trainer's `parallel: fsdp` on `gpus` ranks (None: 1 GPU, adafactor)
+    fsdp_gpus_needed: int | None  # fewest devices on which `parallel: fsdp` fits (None: no device, adafactor, or never)
+    sharded_gpus_needed: int | None  # fewest devices if everything, gathered weights too, were split evenly (ideal)
     device: DeviceSpec | None  # device the bounds assume
     compute_tokens_per_s: float | None  # peak FLOP/s / train FLOPs per token
     bandwidth_tokens_per_s: float | None  # batch_size * bandwidth / bytes moved per step
@@ -154,9 +156,13 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
     """Count parameters, bytes and FLOPs of `clt_config` trained with recipe `optimizer`, and bound tokens/s.
 
     Memory per GPU = weights + gradients (the recipe's param dtype) + optimizer states + the largest
-    temporary of an optimizer step + activations of the GPU's share of the batch. Data parallel (DDP,
-    what the trainer does) replicates everything but the batch, so more GPUs do not make a CLT fit;
-    sharded_gpus_needed is the arithmetic for sharding it (FSDP), which the trainer does not do yet.
+    temporary of an optimizer step + activations of the GPU's share of the batch. Data parallel (DDP)
+    replicates everything but the batch, so more GPUs do not make a CLT fit. The trainer's FSDP
+    (`parallel: fsdp`, see clt_lite.parallel) shards the CLT as one unit: each step gathers all weights
+    and computes all gradients before reduce-scattering them, so a GPU needs the full weights and
+    gradients plus its 1/gpus share of weights, gradients and optimizer states (fsdp_gpu_bytes):
+    sharding saves the optimizer states, never the gathered weights and gradients. sharded_gpus_needed
+    is the ideal (everything split evenly), what per-layer wrapping could approach.
 
     Throughput model (an upper bound, per GPU): compute bound = peak FLOP/s / (3 x forward FLOPs per
     token, sparse decoder); bandwidth bound = tokens per step / time to move, per step, the weights four
@@ -204,6 +210,17 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
         best = min(compute, bandwidth)
         fits = training_bytes + batch_bytes <= device.memory
         sharded = max(1, math.ceil((training_bytes + batch_bytes * gpus) / device.memory))  # the whole batch
+    all_grads = grad_bytes(optimizer, shapes, data_parallel=True)  # FSDP steps after the reduce-scatter
+    sharded_part = weight_bytes + all_grads + optimizer_bytes + temporary
+
+    def fsdp_bytes(g: int) -> int:
+        return weight_bytes + all_grads + math.ceil(sharded_part / g) + 4 * (batch_size // g) * L * (3 * d + 2 * n)
+
+    runs_sharded = recipe(optimizer).kind == "adam"  # torch's Adafactor fails on DTensor parameters
+    fsdp_gpu_bytes = fsdp_bytes(gpus) if runs_sharded and gpus > 1 else None
+    fsdp_needed = None
+    if device is not None and runs_sharded:
+        fsdp_needed = next((g for g in range(2, 4097) if fsdp_bytes(g) <= device.memory), None)
     return Plan(
         model=dims, config=clt_config, decoder_matrices=pairs, encoder_params=encoder, decoder_params=decoder,
         total_params=total, weight_bytes=weight_bytes, grad_bytes=grads, optimizer_bytes=optimizer_bytes,
@@ -212,8 +229,8 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
         decoder_flops_per_token_sparse=dec_sparse, decoder_bytes_per_token_sparse=dec_bytes,
         train_flops_per_token=train_flops, disk_bytes_per_token=2 * L * d * BYTES_PER_DTYPE[act_dtype],
         optimizer=optimizer, batch_size=batch_size, gpus=gpus, gpu_bytes=training_bytes + batch_bytes,
-        sharded_gpus_needed=sharded, device=device, compute_tokens_per_s=compute,
-        bandwidth_tokens_per_s=bandwidth, max_tokens_per_s=best, fits=fits,
+        fsdp_gpu_bytes=fsdp_gpu_bytes, fsdp_gpus_needed=fsdp_needed, sharded_gpus_needed=sharded, device=device,
+        compute_tokens_per_s=compute, bandwidth_tokens_per_s=bandwidth, max_tokens_per_s=best, fits=fits,
     )
 
 
@@ -253,12 +270,23 @@ def format_plan(p: Plan) -> str:
 
 
 def format_gpus(p: Plan) -> str:
-    """One line: whether the config trains on p.gpus devices, and how many it would need sharded."""
+    """Two lines: whether the config trains on p.gpus devices replicated (DDP, the default) and sharded (FSDP)."""
     if p.device is None:
         return "GPUs: give a device preset to size them"
+    name = p.device.name
     verdict = "YES" if p.fits else "NO (data parallel replicates weights, gradients and states)"
-    return (f"fits {p.gpus} x {p.device.name} with {p.optimizer}: {verdict}; needs {_gib(p.gpu_bytes)} per GPU; "
-            f"sharded (FSDP, not in the trainer yet) it would need {p.sharded_gpus_needed} x {p.device.name}")
+    ddp = (f"fits {p.gpus} x {name} with {p.optimizer}: {verdict}; needs {_gib(p.gpu_bytes)} per GPU; "
+           f"fully sharded (everything split evenly, ideal) it would need {p.sharded_gpus_needed} x {name}")
+    if recipe(p.optimizer).kind != "adam":
+        return ddp + f"\n  parallel: fsdp: not with {p.optimizer} (torch's Adafactor fails sharded); use an adam recipe"
+    needed = (f"needs at least {p.fsdp_gpus_needed} x {name}" if p.fsdp_gpus_needed else
+              f"never fits {name} (the gathered weights and gradients alone do not)")
+    here = ""
+    if p.fsdp_gpu_bytes is not None:
+        fits = "YES" if p.fsdp_gpu_bytes <= p.device.memory else "NO"
+        here = f"on {p.gpus} x {name}: {fits}, {_gib(p.fsdp_gpu_bytes)} per GPU; "
+    return (ddp + f"\n  parallel: fsdp (torchrun, `--parallel fsdp`; gathers all weights and gradients each step, "
+            f"shards the rest) {here}{needed}")
 
 
 def format_recipes(dims: ModelDims, clt_config: CLTConfig, device: DeviceSpec, batch_size: int = 4096) -> str:
@@ -273,8 +301,13 @@ def format_recipes(dims: ModelDims, clt_config: CLTConfig, device: DeviceSpec, b
     return "\n".join(lines)
 
 
+def _bytes_per_gpu(p: Plan, parallel: str) -> int:
+    """What one GPU of the run needs: FSDP's count when it shards (several GPUs, an adam recipe), else DDP's."""
+    return p.fsdp_gpu_bytes if parallel == "fsdp" and p.fsdp_gpu_bytes is not None else p.gpu_bytes
+
+
 def nearest_fit(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer: str, batch_size: int,
-                gpus: int = 1) -> tuple[str, CLTConfig] | None:
+                gpus: int = 1, parallel: str = "ddp") -> tuple[str, CLTConfig] | None:
     """The closest (recipe, config) that fits `memory` bytes per GPU: another recipe at the same size first,
     then this recipe (then the others) with latents halved until one fits; None if not even n = k does."""
     order = [optimizer] + [name for name in RECIPES if name != optimizer]
@@ -282,21 +315,30 @@ def nearest_fit(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer
     while n >= clt_config.k:
         for name in order:
             fitted = replace(clt_config, n_latents=n, dtype=recipe(name).param_dtype)
-            if plan(dims, fitted, name, batch_size=batch_size, gpus=gpus).gpu_bytes <= memory:
+            if _bytes_per_gpu(plan(dims, fitted, name, batch_size=batch_size, gpus=gpus), parallel) <= memory:
                 return name, fitted
         n //= 2
     return None
 
 
 def check_fits(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer: str, batch_size: int,
-               gpus: int = 1, where: str = "the device") -> Plan:
-    """The plan; a one-line ValueError with its numbers and the nearest config that fits when it does not."""
+               gpus: int = 1, where: str = "the device", parallel: str = "ddp") -> Plan:
+    """The plan; a one-line ValueError with its numbers and the nearest config that fits when it does not.
+
+    `parallel` ("ddp" or "fsdp", TrainConfig.parallel) matters only with gpus > 1."""
     p = plan(dims, clt_config, optimizer, batch_size=batch_size, gpus=gpus)
-    if p.gpu_bytes <= memory:
+    need = _bytes_per_gpu(p, parallel)
+    if need <= memory:
         return p
-    near = nearest_fit(dims, clt_config, memory, optimizer, batch_size, gpus)
+    near = nearest_fit(dims, clt_config, memory, optimizer, batch_size, gpus, parallel)
     hint = ("nothing at this depth and width fits" if near is None else
             f"nearest that fits: optimizer={near[0]!r}, n_latents={near[1].num_latents} ({near[1].dtype})")
+    if parallel == "fsdp" and p.fsdp_gpu_bytes is not None:
+        raise ValueError(
+            f"CLT does not fit {where} ({memory / GiB:,.1f} GiB) sharded on {gpus} ranks: needs {_gib(need)} per rank "
+            f"= gathered weights and gradients {(p.weight_bytes + p.grad_bytes) / GiB:,.2f} + 1/{gpus} of them and of "
+            f"the optimizer states ({optimizer}) + batch {p.batch_bytes / GiB:,.2f} GiB; {hint}"
+        )
     raise ValueError(
         f"CLT does not fit {where} ({memory / GiB:,.1f} GiB): needs {_gib(p.gpu_bytes)} = weights "
         f"{p.weight_bytes / GiB:,.2f} + gradients {p.grad_bytes / GiB:,.2f} + optimizer ({optimizer}) "

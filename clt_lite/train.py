@@ -8,16 +8,19 @@ Optimizer recipes (TrainConfig.optimizer, see clt_lite.optim): fp32 Adam, or the
 Adafactor) that step each parameter during backward, which the planner sizes for a full CLT at LLaVA-7B
 width on one H200.
 
-Data parallel: under torchrun (WORLD_SIZE > 1) the CLT is wrapped in PyTorch DDP. Every rank reads the
-same global batch stream and keeps its own rows. Each rank's loss is its local share of the *global* loss
-(local squared error divided by the global target variance) times the world size, and DDP averages
-gradients, so a run on W processes computes the same update as one process with the same global batch, up
-to float summation order. Checkpoints hold the full model and optimizer (every rank has them), so a run
-may resume on another number of processes.
+Data parallel: under torchrun (WORLD_SIZE > 1) the CLT is replicated with PyTorch DDP (TrainConfig.parallel
+"ddp") or sharded with FSDP2 ("fsdp": parameters, gradients and optimizer states split across ranks; see
+clt_lite.parallel for what that saves). Every rank reads the same global batch stream and keeps its own rows.
+Each rank's loss is its local share of the *global* loss (local squared error divided by the global target
+variance) times the world size, and DDP and FSDP average gradients, so a run on W processes computes the same
+update as one process with the same global batch, up to float summation order. Checkpoints hold the full,
+unsharded model and optimizer (gathered to rank 0 under FSDP), so a run may resume on another number of
+processes or in the other mode.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -32,10 +35,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import optim, plan
+from . import optim, parallel, plan
 from .clt import CLTConfig, CrossLayerTranscoder, _read_safetensors, atomic_write
 
 
@@ -84,6 +86,7 @@ class TrainConfig:
     val_batches: int | None = 16  # batches of the val split evaluated at the end; None = the whole split
     seed: int = 0  # model init and batch order
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda" or "cuda:N"
+    parallel: str = "ddp"  # under torchrun only: "ddp" replicates the CLT, "fsdp" shards it (FSDP2; adam recipes)
 
     def __post_init__(self) -> None:
         if self.tokens < self.batch_size or self.batch_size < 1:
@@ -91,14 +94,20 @@ class TrainConfig:
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
         optim.recipe(self.optimizer)
+        if self.parallel not in parallel.PARALLEL:
+            raise ValueError(f"unknown parallel {self.parallel!r}; use one of {', '.join(parallel.PARALLEL)}")
+        if self.parallel == "fsdp" and optim.recipe(self.optimizer).kind != "adam":
+            raise ValueError(f"optimizer {self.optimizer!r} does not run sharded (torch's Adafactor fails on FSDP's "
+                             "DTensor parameters); use parallel='ddp' or an adam recipe")
 
     @property
     def steps(self) -> int:
         return self.tokens // self.batch_size
 
 
-# Settings that do not change the trained weights, so a resume may use different values.
-RESUMABLE_FIELDS = ("checkpoint_every", "log_every", "val_batches", "device")
+# Settings that do not change the trained weights (beyond float summation order, like the number of processes),
+# so a resume may use different values. Checkpoints are full tensors in every parallel mode.
+RESUMABLE_FIELDS = ("checkpoint_every", "log_every", "val_batches", "device", "parallel")
 
 
 class ValMetrics(NamedTuple):
@@ -120,19 +129,6 @@ class TrainResult(NamedTuple):
     steps: int  # optimizer steps done
 
 
-class _Ranks(NamedTuple):
-    """Data-parallel position of this process (rank 0 of 1 without torchrun)."""
-
-    rank: int
-    world: int
-
-    def sum(self, t: Tensor) -> Tensor:
-        """Sum a tensor over ranks (identity on one process)."""
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-
 def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
     """Linear warm-up to `peak`, then linear decay to final_lr_fraction * peak at the last step."""
     if step < cfg.warmup_steps:
@@ -142,7 +138,7 @@ def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
     return peak * (1 - (1 - cfg.final_lr_fraction) * progress)
 
 
-def _target_variance(targets: Tensor, ranks: _Ranks) -> Tensor:
+def _target_variance(targets: Tensor, ranks: parallel.Ranks) -> Tensor:
     """[L] sum over the global batch of squared deviations from the global batch mean (the FVU denominator)."""
     t = targets.double()
     sums = ranks.sum(t.sum(0))
@@ -214,27 +210,6 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _setup_ranks(device_name: str) -> tuple[_Ranks, torch.device, bool]:
-    """Join the torchrun process group when WORLD_SIZE > 1; returns (ranks, device, whether we created the group)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if device_name not in ("auto", "cpu", "cuda") and not device_name.startswith("cuda:"):
-        raise ValueError(f"unknown device {device_name!r}; use auto, cpu, cuda or cuda:N")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device {device_name!r} asked for but no CUDA GPU is visible; use device='cpu'")
-    if world == 1:
-        name = device_name if device_name != "auto" else ("cuda" if use_cuda else "cpu")
-        return _Ranks(0, 1), torch.device(name), False
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    return _Ranks(dist.get_rank(), dist.get_world_size()), device, created
-
-
 def _check_source(source: ActivationSource, clt_config: CLTConfig, train_config: TrainConfig, world: int) -> None:
     if (source.n_layers, source.d_model) != (clt_config.n_layers, clt_config.d_model):
         raise ValueError(
@@ -271,8 +246,8 @@ def _config_dicts(clt_config: CLTConfig, train_config: TrainConfig) -> dict:
     return json.loads(json.dumps({"clt_config": asdict(clt_config), "train_config": asdict(train_config)}))
 
 
-def _save_checkpoint(out_dir: Path, step: int, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer,
-                     since_fired: Tensor, state: dict) -> Path:
+def _save_checkpoint(out_dir: Path, step: int, clt: CrossLayerTranscoder, opt_state: dict, since_fired: Tensor,
+                     state: dict) -> Path:
     """Write checkpoints/step-N in a temp folder, rename it into place, point latest.json at it, drop older ones."""
     root = out_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -280,7 +255,7 @@ def _save_checkpoint(out_dir: Path, step: int, clt: CrossLayerTranscoder, opt: t
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     clt.save(tmp)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save(opt_state, tmp / "optimizer.pt")
     trainer = {"since_fired": since_fired.cpu().contiguous(), "cpu_rng": torch.get_rng_state()}
     save_file(trainer, str(tmp / "trainer.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state))
@@ -321,20 +296,24 @@ def train(clt_config: CLTConfig, train_config: TrainConfig, source: ActivationSo
     CrossLayerTranscoder.load(out_dir)). Raises TrainingDiverged on a NaN/Inf loss, leaving the last
     good checkpoint in place. A resumed run computes exactly what an uninterrupted one would (CPU).
     """
-    ranks, device, created_group = _setup_ranks(train_config.device)
+    ranks, device, created_group = parallel.setup_ranks(train_config.device)
     try:
         _check_source(source, clt_config, train_config, ranks.world)
         memory, label = _device_memory(device)
         dims = plan.ModelDims(clt_config.n_layers, clt_config.d_model, "source")
-        plan.check_fits(dims, clt_config, memory, train_config.optimizer, train_config.batch_size, ranks.world, label)
+        plan.check_fits(dims, clt_config, memory, train_config.optimizer, train_config.batch_size, ranks.world, label,
+                        train_config.parallel)
         return _train(clt_config, train_config, source, Path(out_dir), progress, ranks, device)
     finally:
         if created_group:
+            # Free the wrapped model's reference cycles now: DDP and FSDP keep gloo work objects that would
+            # otherwise be destroyed during interpreter shutdown, which aborts the process now and then (SIGABRT).
+            gc.collect()
             dist.destroy_process_group()
 
 
 def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, out_dir: Path, progress: bool,
-           ranks: _Ranks, device: torch.device) -> TrainResult:
+           ranks: parallel.Ranks, device: torch.device) -> TrainResult:
     configs = _config_dicts(clt_config, cfg)
     L, n = clt_config.n_layers, clt_config.num_latents
     ckpt = latest_checkpoint(out_dir)
@@ -358,12 +337,14 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
         torch.set_rng_state(trainer["cpu_rng"])
 
     peak_lr = cfg.lr if cfg.lr is not None else optim.default_lr(cfg.optimizer, n)
-    opt = optim.make_optimizer(cfg.optimizer, (p for p in clt.parameters() if p.requires_grad), peak_lr, cfg.adam_betas,
-                               data_parallel=ranks.world > 1)
-    # DDP all-reduces (averages) gradients in buckets during backward; it needs every parameter used in forward.
-    model = DistributedDataParallel(clt) if ranks.world > 1 else clt
+    model = parallel.wrap(clt, cfg.parallel, ranks, device)  # FSDP: clt's parameters are now sharded DTensors
+    params = [p for p in clt.parameters() if p.requires_grad]
+    # Under data parallel the low-memory recipes step after backward: DDP's all-reduce or FSDP's reduce-scatter
+    # must finish first (and FSDP writes the sharded gradients directly, so a post-accumulate-grad hook never fires).
+    opt = optim.make_optimizer(cfg.optimizer, params, peak_lr, cfg.adam_betas, data_parallel=ranks.world > 1)
     if ckpt is not None:
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        opt.load_state_dict(parallel.shard_optimizer_state(opt_state, params))
 
     start = state["step"]
     batches = islice(source.batches(cfg.batch_size, "train", cfg.seed), start, None)  # skip consumed batches
@@ -410,12 +391,15 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
             state["step"] = done
             state["train_seconds"] += time.perf_counter() - session_start
             session_start = time.perf_counter()
+            full_clt, opt_state = parallel.full_model(clt, ranks), parallel.full_state(opt.state_dict(), ranks)
             if ranks.rank == 0:
-                _save_checkpoint(out_dir, done, clt, opt, since_fired, state)
+                _save_checkpoint(out_dir, done, full_clt, opt_state, since_fired, state)
     bar.close()
 
+    full_clt = parallel.full_model(clt, ranks)
     if ranks.rank == 0:
-        clt.save(out_dir)
+        full_clt.save(out_dir)
+    # Every rank evaluates the whole val split (under FSDP each forward gathers the weights, in step on all ranks).
     metrics = evaluate(clt, source, cfg.batch_size, cfg.val_batches, cfg.seed)
     seconds = state["train_seconds"]
     return TrainResult(
@@ -430,10 +414,11 @@ def _empty_window(n_layers: int) -> dict:
 
 
 def _loss(model: torch.nn.Module, clt: CrossLayerTranscoder, cfg: TrainConfig, x: Tensor, y: Tensor, dead: Tensor,
-          global_tokens: int, ranks: _Ranks):
+          global_tokens: int, ranks: parallel.Ranks):
     """This rank's share of the global loss, its per-layer FVU share [L], and the forward output.
 
-    `model` is the CLT or its DDP wrapper (forward goes through it so DDP sees the step); `clt` the CLT itself.
+    `model` is the CLT or its DDP wrapper (forward goes through it so DDP sees the step); `clt` the CLT itself
+    (under FSDP the same object, its weights still gathered after forward).
     """
     with _autocast(x.device):
         out = model(x)

@@ -68,6 +68,28 @@ def test_recipe_bytes_for_the_full_7b_clt():
     assert "fits 8 x h200 with adam: NO" in format_gpus(adam) and "would need 3 x h200" in format_gpus(adam)
 
 
+def test_fsdp_per_gpu_memory_counts_the_gathered_weights_and_gradients():
+    """The trainer's FSDP shards the CLT as one unit: full weights and gradients per GPU plus 1/gpus of the rest."""
+    config = llava_clt(k=64, dtype="bfloat16")
+    p = plan(LLAVA, config, optimizer="adam-bf16", device="h200", gpus=8)
+    w, g = p.weight_bytes, p.grad_bytes  # gradients: all of them (stepped after the reduce-scatter)
+    assert g == w and p.fsdp_gpu_bytes == w + g + math.ceil((w + g + p.optimizer_bytes) / 8) + p.batch_bytes
+    assert p.fits is False and p.fsdp_gpu_bytes < 141e9 and p.fsdp_gpus_needed == 3  # 89.25 GiB on 8 GPUs
+    assert "fits 8 x h200 with adam-bf16: NO" in format_gpus(p)
+    assert "parallel: fsdp" in format_gpus(p) and "on 8 x h200: YES" in format_gpus(p)
+    assert "needs at least 3 x h200" in format_gpus(p)
+    with pytest.raises(ValueError, match="does not fit an H200"):
+        check_fits(LLAVA, config, 141e9, "adam-bf16", 4096, gpus=8, where="an H200")
+    assert check_fits(LLAVA, config, 141e9, "adam-bf16", 4096, gpus=8, parallel="fsdp").fsdp_gpu_bytes < 141e9
+    with pytest.raises(ValueError, match=r"sharded on 2 ranks: needs .* per rank = gathered weights and gradients"):
+        check_fits(LLAVA, config, 141e9, "adam-bf16", 4096, gpus=2, parallel="fsdp")
+    fp32 = plan(LLAVA, llava_clt(k=64), optimizer="adam", device="h200", gpus=8)
+    assert fp32.fsdp_gpus_needed is None and "never fits h200" in format_gpus(fp32)  # 140 GiB of gathered w + g
+    adafactor = plan(LLAVA, llava_clt(k=64), optimizer="adafactor", device="h200", gpus=8)
+    assert adafactor.fsdp_gpu_bytes is None and "not with adafactor" in format_gpus(adafactor)
+    assert plan(LLAVA, config, optimizer="adam-bf16", device="h200").fsdp_gpu_bytes is None  # one GPU: no FSDP
+
+
 @pytest.mark.parametrize("overrides", [{}, dict(cross_layer=2, activation="jumprelu", skip_connection=True),
                                        dict(post_encoder_scale=True)])
 def test_param_shapes_are_what_the_optimizer_holds(overrides):

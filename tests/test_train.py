@@ -1,7 +1,8 @@
-"""Trainer: learns, resumes exactly, stops on NaN, rejects mismatches, and data-parallel matches one process."""
+"""Trainer: learns, resumes exactly, stops on NaN, rejects mismatches; data parallel (DDP, FSDP) matches one process."""
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -235,3 +236,71 @@ def test_resume_on_another_world_size(tmp_path, optimizer):
     tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=2**-6, atol=FAST["lr"])
     for (name, a), b in zip(weights(tmp_path / "one").items(), weights(tmp_path / "run").values()):
         torch.testing.assert_close(a, b, **tolerance, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP
+def fsdp_script(optimizer: str, source: str = "SyntheticSource()") -> str:
+    """DDP_SCRIPT with parallel='fsdp', the recipe's parameter dtype and another source."""
+    script = DDP_SCRIPT.replace("checkpoint_every=3,", f"checkpoint_every=3, parallel='fsdp', optimizer={optimizer!r},")
+    script = script.replace("train(CLT,", f"train(dataclasses.replace(CLT, dtype={recipe(optimizer).param_dtype!r}),")
+    script = script.replace("import os, sys, torch", "import dataclasses, os, sys, torch")
+    script = script.replace("from test_train import CLT, FAST, SyntheticSource",
+                            "from test_train import CLT, FAST, FaultySource, SyntheticSource")
+    return script.replace("SyntheticSource(), sys.argv[1]", f"{source}, sys.argv[1]")
+
+
+def single_process(tmp_path: Path, optimizer: str, out: str = "one"):
+    cfg = TrainConfig(tokens=64 * 6, checkpoint_every=3, optimizer=optimizer, **FAST)
+    clt_config = dataclasses.replace(CLT, dtype=recipe(optimizer).param_dtype)
+    return train(clt_config, cfg, SyntheticSource(), tmp_path / out, progress=False)
+
+
+# bf16: as in test_resume_on_another_world_size (gradients summed in another order move a weight by up to one step)
+TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5), "bfloat16": dict(rtol=2**-6, atol=FAST["lr"])}
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path, dtype: str) -> None:
+    for (name, a), b in zip(weights(a_dir).items(), weights(b_dir).values()):
+        torch.testing.assert_close(a, b, **TOLERANCE[dtype], msg=name)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adam-bf16"])
+def test_fsdp_matches_single_process(tmp_path, optimizer):
+    """2 FSDP processes (weights, gradients and Adam states sharded) train what one process trains."""
+    done = torchrun(tmp_path, fsdp_script(optimizer), tmp_path / "fsdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert single_process(tmp_path, optimizer).steps == 6
+    assert latest_checkpoint(tmp_path / "fsdp").name == "step-00000006"
+    assert_same_weights(tmp_path / "one", tmp_path / "fsdp", recipe(optimizer).param_dtype)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adam-bf16"])
+def test_fsdp_resume_after_kill_on_two_and_on_one_process(tmp_path, optimizer):
+    """An FSDP run killed after step 4 (checkpoint at 3, full tensors gathered to rank 0) resumes sharded on 2
+    processes bit for bit like an uninterrupted FSDP run, and on 1 process like one uninterrupted process."""
+    killed = torchrun(tmp_path, fsdp_script(optimizer, "FaultySource(after=1 + 4, fault='kill')"), tmp_path / "two")
+    assert killed.returncode != 0 and "simulated kill" in killed.stderr
+    assert latest_checkpoint(tmp_path / "two").name == "step-00000003"
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed-on-one")
+    for out in ("two", "uninterrupted"):
+        done = torchrun(tmp_path, fsdp_script(optimizer), tmp_path / out)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for (name, a), b in zip(weights(tmp_path / "uninterrupted").items(), weights(tmp_path / "two").values()):
+        assert torch.equal(a, b), name
+    assert single_process(tmp_path, optimizer, "resumed-on-one").steps == 6
+    single_process(tmp_path, optimizer)
+    assert_same_weights(tmp_path / "one", tmp_path / "resumed-on-one", recipe(optimizer).param_dtype)
+
+
+def test_parallel_is_validated_and_may_change_on_resume(tmp_path):
+    with pytest.raises(ValueError, match="^unknown parallel 'zero3'; use one of ddp, fsdp$"):
+        TrainConfig(parallel="zero3")
+    with pytest.raises(ValueError, match="optimizer 'adafactor' does not run sharded"):
+        TrainConfig(parallel="fsdp", optimizer="adafactor")
+    cfg = TrainConfig(tokens=64 * 2, checkpoint_every=1, **FAST)
+    train(CLT, cfg, SyntheticSource(), tmp_path, progress=False)
+    fsdp = TrainConfig(**{**cfg.__dict__, "parallel": "fsdp", "tokens": 64 * 3})  # one process: fsdp is not used
+    with pytest.raises(ValueError, match=r"differs in \['tokens'\]"):
+        train(CLT, fsdp, SyntheticSource(), tmp_path, progress=False)
+    assert train(CLT, TrainConfig(**{**cfg.__dict__, "parallel": "fsdp"}), SyntheticSource(), tmp_path,
+                 progress=False).steps == 2
