@@ -194,3 +194,13 @@ def test_storage_advice_says_when_to_stream():
     assert llava == 512 * 1024
     assert "stream them (stream: true)" in storage_advice(4_194_304, llava, 500 * 10**9)  # 2.2 TB > 500 GB / 4
     assert "storing them is fine" in storage_advice(262_144, 12_288, 500 * 10**9)
+
+
+def test_readme_sharding_figures_are_the_planners():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    eight = plan(LLAVA, llava_clt(k=64), "adam-bf16", device="h200", gpus=8)
+    wide = plan(LLAVA, llava_clt(n_latents=65536, k=64), "adam-bf16", device="h200", gpus=8)
+    for figure in (f"{eight.gpu_bytes / GiB:.2f} GiB per GPU on 8 H200s", f"{eight.fsdp_gpu_bytes / GiB:.2f} GiB per GPU on 8",
+                   f"at\nleast {eight.fsdp_gpus_needed} GPUs", f"({wide.total_params / 1e9:.0f}e9 parameters)",
+                   f"({wide.fsdp_gpu_bytes / GiB:.0f} GiB per GPU on 8;"):
+        assert figure.replace("\n", " ") in readme.replace("\n", " "), figure
