@@ -33,7 +33,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from clt_lite import data, models, optim, plan, sites, store, train  # noqa: E402
-from clt_lite.clt import CLTConfig, CrossLayerTranscoder, atomic_write  # noqa: E402
+from clt_lite.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
+from clt_lite.files import write_json  # noqa: E402
 
 DTYPE = "bfloat16"
 
@@ -202,7 +203,7 @@ def main() -> int:
     line = json.dumps(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(args.out), lambda tmp: tmp.write_text(line + "\n"))
+        write_json(args.out, report, indent=None)
     print(line)
     return 0
 

@@ -33,7 +33,6 @@ path (like attention) rather than part of the error.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -43,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data, sites
-from .clt import CrossLayerTranscoder, atomic_write
+from .clt import CrossLayerTranscoder
+from .files import write_json
 from .models import LoadedModel
 from .replacement import check_compatible
 
@@ -904,5 +904,5 @@ def export_json(graph: AttributionGraph, path: str | Path, **kwargs) -> dict:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     content = to_circuit_tracer_json(graph, slug=kwargs.pop("slug", path.stem), **kwargs)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content)))
+    write_json(path, content, indent=None)
     return content

@@ -17,13 +17,15 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from .files import atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "clt.safetensors"
@@ -160,13 +162,6 @@ def _compact(dense: Tensor) -> tuple[Tensor, Tensor]:
     """Dense [B, L, n] activations -> (values, indices) padded to the largest active count in the batch."""
     width = int((dense > 0).sum(-1).max().clamp(min=1))
     return dense.topk(width, dim=-1, sorted=False)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary sibling, then rename it over `path`: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, Tensor]:

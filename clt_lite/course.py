@@ -14,7 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import data, optim
-from .clt import CLTConfig, CrossLayerTranscoder, atomic_write
+from .clt import CLTConfig, CrossLayerTranscoder
+from .files import write_json
 from .store import ActivationStore, CaptureConfig, CaptureSummary, StreamingSource, capture
 from .train import TrainConfig, TrainResult, train
 
@@ -87,5 +88,5 @@ def train_clt(source: ActivationStore | StreamingSource, run_dir: str | Path, cl
         result = TrainResult(**json.loads(saved.read_text()))
     else:
         result = train(clt_config, train_config, source, path, progress=progress)
-        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(result._asdict())))
+        write_json(saved, result._asdict())
     return CrossLayerTranscoder.load(path), result

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, sites
 from .data import Sample, encode_batch, sample_prompt
+from .files import write_bytes, write_json
 from .models import LoadedModel
 from .train import ActivationBatch
 
@@ -194,7 +194,7 @@ def capture(loaded: LoadedModel, samples: Iterable[Sample], out_dir: str | Path,
     total_estimate = _estimate_tokens(samples, per_sample, config.max_tokens)
     left = max(total_estimate - manifest["n_tokens"], 0)
     _check_disk(out, left * (per_token + META_BYTES), f"~{left:,} more tokens x {per_token + META_BYTES:,} B")
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     stream = islice(chain(probe, stream), done * shard_samples, None)
     bar = tqdm(total=total_estimate or None, initial=manifest["n_tokens"], desc="capture", unit="tok", unit_scale=True,
                disable=not progress)
@@ -214,7 +214,7 @@ def capture(loaded: LoadedModel, samples: Iterable[Sample], out_dir: str | Path,
             bar.set_postfix_str(f"{new_bytes / 1e6:.1f} MB written")
         reached = remaining is not None and manifest["n_tokens"] >= config.max_tokens
         manifest["complete"] = len(batch) < shard_samples or reached
-        _write_json(out / MANIFEST, manifest)
+        write_json(out / MANIFEST, manifest)
         if batch and on_shard is not None:
             on_shard(index)
         index += 1
@@ -296,7 +296,7 @@ def _write_shard(out: Path, index: int, chunk: TokenChunk, samples: list[int]) -
     payload = safetensors_bytes(tensors)
     name = f"shard-{index:05d}.safetensors"
     _check_disk(out, len(payload), f"{name} ({len(chunk.bos):,} tokens)")
-    _write_atomic(out / name, payload)
+    write_bytes(out / name, payload)
     non_bos = ~chunk.bos
     return {
         "file": name, "tokens": len(chunk.bos), "samples": samples,
@@ -316,20 +316,6 @@ def _update_totals(manifest: dict) -> None:
     non_bos = max(sum(r["non_bos_tokens"] for r in shards), 1)
     manifest["mean_sq_norm"] = {s: [sum(r["sq_norm_sums"][s][l] for r in shards) / non_bos for l in range(len(manifest["layers"]))]
                                 for s in manifest["sites"]}
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a hidden temporary sibling, flush to disk, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def _summary(out: Path, manifest: dict, resumed: int, started: float, new_tokens: int, new_bytes: int) -> CaptureSummary:

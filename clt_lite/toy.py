@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
+from .files import atomic_write, write_json
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny-llava-shapes"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")  # ids 0..4, in this order
@@ -284,14 +284,14 @@ def _curriculum(samples: list[data.Sample], config: ToyConfig, step: int) -> lis
 
 
 def _save_checkpoint(model, cell_head, optimizer, folder: Path, state: dict, save_file) -> None:
-    """Write the checkpoint files under temporary names, then rename (a kill leaves the old one)."""
+    """Write each checkpoint file atomically, state.json last (a kill leaves the previous step's state pointing at
+    files that are each complete; resume reads the step from state.json)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, module in (("model", model), ("cell_head", cell_head)):
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, folder / f"{name}.safetensors.tmp")
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
-    (folder / "state.json.tmp").write_text(json.dumps(state))
-    for name in ("model.safetensors", "cell_head.safetensors", "optimizer.pt", "state.json"):
-        os.replace(folder / f"{name}.tmp", folder / name)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(folder / "optimizer.pt", lambda tmp: torch.save(optimizer.state_dict(), tmp))
+    write_json(folder / "state.json", state, indent=None)
 
 
 @contextmanager
@@ -322,7 +322,7 @@ def save_toy(model, processor, out: str | Path, config: ToyConfig, curve: list[d
     model.to("cpu", torch.float16).save_pretrained(out)
     model.to(torch.float32)
     processor.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps({"config": asdict(config), "curve": curve}, indent=1))
+    write_json(out / "training.json", {"config": asdict(config), "curve": curve})
 
 
 DEEPER_RUN_FILE = "training-32-layers.json"  # learning curve of the same recipe at 32 layers, if measured

@@ -38,7 +38,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import optim, parallel, plan
-from .clt import CLTConfig, CrossLayerTranscoder, _read_safetensors, atomic_write
+from .clt import CLTConfig, CrossLayerTranscoder, _read_safetensors
+from .files import write_json
 
 
 class ActivationBatch(NamedTuple):
@@ -261,7 +262,7 @@ def _save_checkpoint(out_dir: Path, step: int, clt: CrossLayerTranscoder, opt_st
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    atomic_write(root / LATEST, lambda p: p.write_text(json.dumps({"step": step, "dir": final.name})))
+    write_json(root / LATEST, {"step": step, "dir": final.name}, indent=None)
     for old in root.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
