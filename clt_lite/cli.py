@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, handler) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
         sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        sub.add_argument("--debug", action="store_true", help="on an error, show the whole traceback instead of one line")
         sub.set_defaults(handler=handler)
         return sub
 
@@ -220,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: Exception) -> str:
+    """Our own errors say what to change in one line; anything else (a bug, or a library's error we did not
+    anticipate) is named by its type, its first line, and where to look further."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, (ValueError, OSError, RuntimeError)):
+        return first
+    return f"{type(error).__name__}: {first} (unexpected: rerun with --debug for the traceback and report it)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "toy" and args.action == "train" and args.out is None:
@@ -227,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.handler(args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:  # every failure is one line naming what went wrong; --debug shows where
+        if args.debug:
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, default=str))

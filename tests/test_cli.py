@@ -56,3 +56,22 @@ def test_bad_input_is_one_line_and_non_zero(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("raised, message", [
+    (ValueError("bad spec 'x'; use shapes:N"), "error: bad spec 'x'; use shapes:N"),
+    (KeyError("n_layers"), "error: KeyError: 'n_layers' (unexpected: rerun with --debug"),
+    (ZeroDivisionError("division by zero\nmore"), "error: ZeroDivisionError: division by zero (unexpected"),
+])
+def test_every_error_is_one_line_and_debug_shows_the_traceback(capsys, monkeypatch, raised, message):
+    from clt_lite import cli
+
+    def fail(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "_cmd_notebooks", fail)
+    assert cli.main(["notebooks", "--only", "01"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    with pytest.raises(type(raised)):
+        cli.main(["notebooks", "--only", "01", "--debug"])
