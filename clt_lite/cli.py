@@ -145,14 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--figures", default=None, help="figure folder relative to notebooks/ (default: under runs/)")
     nb.add_argument("--in-place", action="store_true", help="overwrite notebooks/ with outputs of the CPU defaults (maintainers)")
 
+    # Defaults come from the config dataclasses (CLTConfig, TrainConfig, CaptureConfig): one default per option.
+    from .clt import ACTIVATIONS, CLTConfig
+    from .store import CaptureConfig
+    from .train import TrainConfig
+
     def clt_options(sub) -> None:
         from .optim import RECIPES
-        from .train import TrainConfig
 
-        sub.add_argument("--expansion", type=int, default=8, help="latents per layer as a multiple of d_model")
-        sub.add_argument("--k", type=int, default=16, help="active latents per token per layer")
-        sub.add_argument("--cross-layer", type=int, default=0, help="targets per latent; 0 = full, 1 = PLT")
-        sub.add_argument("--activation", default="topk", help="topk, batchtopk or jumprelu")
+        sub.add_argument("--expansion", type=int, default=CLTConfig.expansion_factor, help="latents per layer as a multiple of d_model")
+        sub.add_argument("--k", type=int, default=CLTConfig.k, help="active latents per token per layer")
+        sub.add_argument("--cross-layer", type=int, default=CLTConfig.cross_layer, help="targets per latent; 0 = full, 1 = PLT")
+        sub.add_argument("--activation", default=CLTConfig.activation, choices=ACTIVATIONS, help="activation function")
         sub.add_argument("--optimizer", default=TrainConfig.optimizer,
                          help=f"recipe (parameter dtype + optimizer): {', '.join(RECIPES)}")
 
@@ -168,26 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--data", required=True, help="shapes:N or jsonl:PATH")
     ca.add_argument("--tokens", type=int, help="stop after this many tokens")
     ca.add_argument("--out", required=True, type=Path)
-    ca.add_argument("--dtype", default="float16", help="on-disk dtype: float16, bfloat16 or float32")
+    ca.add_argument("--dtype", default=CaptureConfig.dtype, help="on-disk dtype: float16, bfloat16 or float32")
     ca.add_argument("--input-sites", nargs="+", default=["mlp_in"], choices=["mlp_in", "resid_mid"],
                     help="CLT input site(s) to store: mlp_in (after the norm; default, see notebook 04) and/or resid_mid")
     ca.add_argument("--device", default="auto")
     ca.add_argument("--seed", type=int, default=0)
 
     from .parallel import PARALLEL
-    from .train import TrainConfig
 
     tr = command("train", "train a CLT on a captured store (resumes from its checkpoints)", _cmd_train)
     tr.add_argument("--acts", required=True, type=Path, help="store folder written by capture")
     tr.add_argument("--input-site", choices=["mlp_in", "resid_mid"],
                     help="which stored site the CLT reads (default: the store's first)")
     clt_options(tr)
-    tr.add_argument("--tokens", type=int, default=2**19, help="training tokens")
-    tr.add_argument("--batch-size", type=int, default=1024)
+    tr.add_argument("--tokens", type=int, default=TrainConfig.tokens, help="training tokens")
+    tr.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="tokens per optimizer step")
     tr.add_argument("--lr", type=float, help="peak learning rate (default scales with width)")
     tr.add_argument("--out", required=True, type=Path)
-    tr.add_argument("--device", default="auto")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default=TrainConfig.device)
+    tr.add_argument("--seed", type=int, default=TrainConfig.seed)
     tr.add_argument("--parallel", choices=PARALLEL, default=TrainConfig.parallel,
                     help="under torchrun: ddp replicates the CLT, fsdp shards it (FSDP2; adam recipes; see `plan --gpus`)")
 

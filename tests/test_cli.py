@@ -75,3 +75,18 @@ def test_every_error_is_one_line_and_debug_shows_the_traceback(capsys, monkeypat
     assert err.startswith(message) and err.count("\n") == 1
     with pytest.raises(type(raised)):
         cli.main(["notebooks", "--only", "01", "--debug"])
+
+
+def test_cli_defaults_are_the_dataclasses_defaults():
+    from clt_lite import cli
+    from clt_lite.clt import CLTConfig
+    from clt_lite.store import CaptureConfig
+    from clt_lite.train import TrainConfig
+
+    parser = cli.build_parser()
+    train = parser.parse_args(["train", "--acts", "a", "--out", "o"])
+    assert (train.expansion, train.k, train.cross_layer, train.activation) == (
+        CLTConfig.expansion_factor, CLTConfig.k, CLTConfig.cross_layer, CLTConfig.activation)
+    assert (train.tokens, train.batch_size, train.optimizer, train.device, train.seed, train.parallel) == (
+        TrainConfig.tokens, TrainConfig.batch_size, TrainConfig.optimizer, TrainConfig.device, TrainConfig.seed, TrainConfig.parallel)
+    assert parser.parse_args(["capture", "--data", "shapes:1", "--out", "o"]).dtype == CaptureConfig.dtype
