@@ -135,3 +135,14 @@ def test_notebooks_command_rejects_bad_input(capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["notebooks", "--only", "99"]) == 2
     assert "no notebook numbered 99" in capsys.readouterr().err
+
+
+def test_without_solutions_a_notebook_stops_at_its_first_exercise(tmp_path):
+    """A learner's run (solutions = False) stops at the first unwritten exercise and says which one."""
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError) as error:
+        papermill.execute_notebook(str(ROOT / "notebooks" / "01_hooking_llava.ipynb"), str(tmp_path / "01.ipynb"),
+                                   parameters={"solutions": False, "run_dir": str(tmp_path)}, cwd=str(ROOT / "notebooks"),
+                                   kernel_name="python3", progress_bar=False)
+    assert error.value.ename == "ExerciseFailed" and "capture_mlp_in: not written yet" in error.value.evalue
