@@ -37,13 +37,14 @@ def _cmd_toy(args) -> dict:
     return {"model": args.model, "per_family": args.per_family, "accuracy": accuracy}
 
 
-def _clt_config(args, n_layers: int, d_model: int, input_site: str = "resid_mid"):
+def _clt_config(args, n_layers: int, d_model: int, input_site: str | None = None):
     from .clt import CLTConfig
     from .optim import recipe
 
+    site = {} if input_site is None else {"input_site": input_site}  # None: CLTConfig's default
     return CLTConfig(n_layers=n_layers, d_model=d_model, expansion_factor=args.expansion, k=args.k,
-                     cross_layer=args.cross_layer, activation=args.activation, input_site=input_site,
-                     dtype=recipe(args.optimizer).param_dtype)
+                     cross_layer=args.cross_layer, activation=args.activation, dtype=recipe(args.optimizer).param_dtype,
+                     **site)
 
 
 def _cmd_plan(args) -> dict:
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--tokens", type=int, help="stop after this many tokens")
     ca.add_argument("--out", required=True, type=Path)
     ca.add_argument("--dtype", default=CaptureConfig.dtype, help="on-disk dtype: float16, bfloat16 or float32")
-    ca.add_argument("--input-sites", nargs="+", default=["mlp_in"], choices=["mlp_in", "resid_mid"],
+    ca.add_argument("--input-sites", nargs="+", default=list(CaptureConfig.input_sites), choices=["mlp_in", "resid_mid"],
                     help="CLT input site(s) to store: mlp_in (after the norm; default, see notebook 04) and/or resid_mid")
     ca.add_argument("--device", default="auto")
     ca.add_argument("--seed", type=int, default=0)

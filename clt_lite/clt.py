@@ -52,7 +52,7 @@ class CLTConfig:
     skip_connection: bool = False  # add a learned linear map from input t to target t (W_skip[t], zero init)
     post_encoder_scale: bool = False  # multiply each latent's activation by a per-latent scale (init 1)
     train_post_encoder: bool = True  # whether that post-encoder scale is trained (frozen at 1 when False)
-    input_site: str = "resid_mid"  # metadata: "resid_mid" (paper, circuit-tracer) or "mlp_in" (after the norm)
+    input_site: str = "mlp_in"  # "mlp_in" (after the MLP's norm: the course's default on a VLM) or "resid_mid" (paper, circuit-tracer)
     dtype: str = "float32"  # parameter dtype: "float32", "bfloat16" or "float16"
 
     def __post_init__(self) -> None:

@@ -74,7 +74,7 @@ class CaptureConfig:
     """What to record. Every field is part of the store's identity: a rerun must use the same values."""
 
     layers: tuple[int, ...] | None = None  # decoder layers to record (sorted); None = all
-    input_sites: tuple[str, ...] = ("resid_mid",)  # CLT input site(s) stored next to mlp_out: resid_mid and/or mlp_in
+    input_sites: tuple[str, ...] = ("mlp_in",)  # CLT input site(s) stored next to mlp_out: mlp_in (default) and/or resid_mid
     kinds: tuple[str, ...] = KINDS  # position kinds kept; padding never; BOS kept (flagged) whenever "text" is
     dtype: str = "float16"  # on-disk dtype: float16, bfloat16 or float32
     batch_size: int = 8  # samples per forward pass (batches start at each shard's first sample)
@@ -634,7 +634,7 @@ class StreamingSource:
     """
 
     def __init__(self, loaded: LoadedModel, samples: Iterable[Sample] | Callable[[], Iterable[Sample]],
-                 layers: Sequence[int] | None = None, input_site: str = "resid_mid", kinds: Sequence[str] = KINDS,
+                 layers: Sequence[int] | None = None, input_site: str = "mlp_in", kinds: Sequence[str] = KINDS,
                  val_samples: Sequence[Sample] | None = None, val_fraction: float = 0.1, forward_batch: int = 8,
                  scale_samples: int = 64, shuffle_buffer: int | None = None, device: str | torch.device | None = None,
                  name: str = ""):

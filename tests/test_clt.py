@@ -208,7 +208,7 @@ def test_load_errors_are_one_line_and_name_the_file(tmp_path):
     [dict(), dict(cross_layer=2, skip_connection=True, post_encoder_scale=True), dict(activation="jumprelu")],
 )
 def test_circuit_tracer_export_round_trip_on_raw_activations(tmp_path, overrides):
-    clt = make(**overrides)
+    clt = make(input_site="resid_mid", **overrides)  # circuit-tracer's own convention
     x, y = batch(b=16)
     clt.initialize_from_batch(x, y)
     with torch.no_grad():

@@ -48,7 +48,7 @@ def test_activation_over_prompt_matches_the_store(tiny, setup):
     sample = features.store_sample(store, 0, tiny.world)
     tokens, acts = features.activation_over_prompt(tiny, clt, sample, 1, feature)
     rows = [r for r in range(store.n_tokens) if store.metadata.sample[r] == 0]
-    raw = store.tokens(slice(rows[0], rows[-1] + 1), "resid_mid")[:, 1] * clt.input_scale[1]
+    raw = store.tokens(slice(rows[0], rows[-1] + 1), "mlp_in")[:, 1] * clt.input_scale[1]
     values, ids = clt.encode_layer(1, raw)
     torch.testing.assert_close(acts[: len(rows)], (values * (ids == feature)).sum(-1), atol=1e-4, rtol=1e-4)
     assert len(tokens) == len(acts)

@@ -122,7 +122,7 @@ def test_batches_are_normalised_split_by_sample_and_exclude_bos(captured):
     is_val = np.array([acts.split_of_sample(s) == "val" for s in meta.sample])
     assert 0 < len(np.unique(meta.sample[is_val])) < len(np.unique(meta.sample))
     raw = acts.tokens(slice(None))
-    inputs = raw["resid_mid"] * acts.input_scale[:, None]
+    inputs = raw["mlp_in"] * acts.input_scale[:, None]
     targets = raw["mlp_out"] * acts.target_scale[:, None]
     non_bos = torch.from_numpy(~meta.bos)
     for x in (inputs, targets):  # the scales make the mean squared norm exactly d over the stored non-BOS tokens

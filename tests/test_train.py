@@ -25,7 +25,7 @@ class SyntheticSource:
 
     def __init__(self, n_layers=L, d_model=D, val_batches=2):
         self.n_layers, self.d_model, self.val_batches = n_layers, d_model, val_batches
-        self.input_site = "resid_mid"
+        self.input_site = "mlp_in"
         self.input_scale = torch.full((n_layers,), 2.0)
         self.target_scale = torch.linspace(0.5, 1.5, n_layers)
         g = torch.Generator().manual_seed(1234)
@@ -127,8 +127,8 @@ def test_mismatches_are_one_line_errors(tmp_path):
     cfg = TrainConfig(tokens=64 * 2, checkpoint_every=1, **FAST)
     with pytest.raises(ValueError, match="source has 3 layers of width 8 but the CLT config expects 3 x 16"):
         train(CLTConfig(n_layers=L, d_model=16, n_latents=32, k=4), cfg, SyntheticSource(), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="source reads resid_mid but the CLT config says input_site='mlp_in'"):
-        train(CLTConfig(n_layers=L, d_model=D, n_latents=32, k=4, input_site="mlp_in"), cfg, SyntheticSource(), tmp_path,
+    with pytest.raises(ValueError, match="source reads mlp_in but the CLT config says input_site='resid_mid'"):
+        train(CLTConfig(n_layers=L, d_model=D, n_latents=32, k=4, input_site="resid_mid"), cfg, SyntheticSource(), tmp_path,
               progress=False)
     train(CLT, cfg, SyntheticSource(), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"different CLT config \(differs in \['k'\]\)"):
@@ -149,7 +149,7 @@ class ShapeOnlySource:
     """A source that has the sizes and scales but yields nothing: the memory check must come first."""
 
     def __init__(self, n_layers: int, d_model: int):
-        self.n_layers, self.d_model, self.input_site = n_layers, d_model, "resid_mid"
+        self.n_layers, self.d_model, self.input_site = n_layers, d_model, "mlp_in"
         self.input_scale = self.target_scale = torch.ones(n_layers)
 
     def batches(self, batch_size, split="train", seed=0):
