@@ -108,13 +108,18 @@ def plot_training(histories: dict[str, list[dict]]):
 
 
 def plot_layer_metrics(results: dict[str, object]):
-    """Validation FVU, L0 and dead-latent fraction per layer for each trained run (TrainResult-like)."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for name, result in results.items():
-        for ax, values in zip(axes, (result.fvu, result.l0, result.dead_fraction)):
+    """Validation FVU, dead-latent fraction and (when it varies: not under TopK, where it is k) L0 per layer
+    for each trained run (TrainResult-like)."""
+    panels = {"validation FVU": "fvu", "dead latent fraction": "dead_fraction"}
+    l0 = [v for result in results.values() for v in result.l0]
+    if max(l0) - min(l0) > 0.01 * max(abs(v) for v in l0):  # a flat line at k would say nothing
+        panels["L0 (active latents / token)"] = "l0"
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4))
+    for ax, (title, field) in zip(axes, panels.items()):
+        for name, result in results.items():
+            values = getattr(result, field)
             ax.plot(range(len(values)), values, marker="o", markersize=3, label=name)
-    for ax, label in zip(axes, ("validation FVU", "L0 (active latents / token)", "dead latent fraction")):
-        ax.set(xlabel="layer", title=label)
+        ax.set(xlabel="layer", title=title)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
