@@ -200,11 +200,10 @@ def main() -> int:
     report["train_forward_batch"] = max(1, min(args.forward_batch, args.batch_size * len(samples) // tokens))
     report.update(train_phase(loaded, samples, args, device, report["train_forward_batch"]))
 
-    line = json.dumps(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, report, indent=None)
-    print(line)
+    print(json.dumps(report))
     return 0
 
 

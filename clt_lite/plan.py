@@ -195,8 +195,11 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
     optimizer_bytes, temporary = state_bytes(optimizer, shapes), step_bytes(optimizer, shapes)
     grads = grad_bytes(optimizer, shapes, data_parallel=gpus > 1)
     training_bytes = weight_bytes + grads + optimizer_bytes + temporary
-    # inputs, targets, reconstruction (B L d) and pre-activations with their gradient (2 B L n), fp32
-    batch_bytes = 4 * (batch_size // gpus) * L * (3 * d + 2 * n)
+
+    def batch_share(g: int) -> int:  # one GPU's share of the batch on g GPUs: inputs, targets, reconstruction
+        return 4 * (batch_size // g) * L * (3 * d + 2 * n)  # (B L d) and pre-activations with their gradient (2 B L n), fp32
+
+    batch_bytes = batch_share(gpus)
 
     enc_flops = 2 * L * d * n
     dec_dense, dec_sparse = 2 * n * d * pairs, 2 * k * d * pairs
@@ -214,7 +217,7 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
     sharded_part = weight_bytes + all_grads + optimizer_bytes + temporary
 
     def fsdp_bytes(g: int) -> int:
-        return weight_bytes + all_grads + math.ceil(sharded_part / g) + 4 * (batch_size // g) * L * (3 * d + 2 * n)
+        return weight_bytes + all_grads + math.ceil(sharded_part / g) + batch_share(g)
 
     runs_sharded = recipe(optimizer).kind == "adam"  # torch's Adafactor fails on DTensor parameters
     fsdp_gpu_bytes = fsdp_bytes(gpus) if runs_sharded and gpus > 1 else None
