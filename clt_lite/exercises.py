@@ -23,12 +23,17 @@ class Exercise(NamedTuple):
 
 
 EXERCISES = {
-    "rms_norm": Exercise("01", "*", 5, "Llama's RMSNorm: x / sqrt(mean(x^2) + eps) * weight, over the last dimension"),
     "capture_mlp_in": Exercise("01", "**", 10, "a forward hook that records one layer's MLP input, removed afterwards"),
+    "rms_norm": Exercise("01", "*", 5, "Llama's RMSNorm: x / sqrt(mean(x^2) + eps) * weight, over the last dimension"),
+    "cell_patches": Exercise("02", "**", 10, "the row-major indices of the vision patches that cover one cell of ShapesWorld's grid"),
+    "layer_scale": Exercise("02", "*", 5, "one scalar per layer that brings the mean squared norm of [tokens, layers, d] activations to d"),
+    "cross_layer_decode": Exercise("03", "***", 15, "sum every source's decoder writes into each target layer it reaches"),
     "fvu": Exercise("03", "*", 5, "fraction of variance unexplained per layer, for [tokens, layers, d] tensors"),
     "topk": Exercise("03", "**", 10, "TopK activation: per token, keep the k largest pre-activations (after ReLU)"),
-    "cross_layer_decode": Exercise("03", "***", 15, "sum every source's decoder writes into each target layer it reaches"),
-}
+    "replace_one_layer": Exercise("04", "**", 15, "closed loop: the logits when one layer's MLP output is replaced by transcoder(mlp_in)"),
+    "kl_divergence": Exercise("04", "*", 5, "mean over positions of KL(original || replacement), from two [positions, vocab] logit tensors"),
+    "edge_weights": Exercise("05", "**", 10, "direct effects [targets, sources]: source activation x (its decoder write . the target's read)"),
+    "influence": Exercise("05", "***", 15, "total influence w (A + A^2 + ...) of every node, A the row-normalised |adjacency|"),}
 
 
 class ExerciseFailed(AssertionError):
@@ -80,6 +85,18 @@ def capture_mlp_in(model: nn.Module, inputs: dict, layer: int) -> Tensor:
     return seen[-1]
 
 
+def layer_scale(acts: Tensor) -> Tensor:
+    return (acts.shape[-1] / acts.pow(2).sum(-1).mean(0)).sqrt()
+
+
+def cell_patches(cell: int, cells_per_side: int, patches_per_side: int) -> Tensor:
+    per_cell = patches_per_side // cells_per_side
+    row, col = divmod(cell, cells_per_side)
+    rows = torch.arange(row * per_cell, (row + 1) * per_cell)
+    cols = torch.arange(col * per_cell, (col + 1) * per_cell)
+    return (rows[:, None] * patches_per_side + cols[None, :]).flatten()
+
+
 def fvu(reconstruction: Tensor, target: Tensor) -> Tensor:
     residual = (target - reconstruction).pow(2).sum(-1).sum(0)
     return residual / (target - target.mean(0)).pow(2).sum(-1).sum(0)
@@ -100,8 +117,43 @@ def cross_layer_decode(acts: Tensor, decoders: list[Tensor], cross_layer: int) -
     return out
 
 
-SOLUTIONS = {"rms_norm": rms_norm, "capture_mlp_in": capture_mlp_in, "fvu": fvu, "topk": topk,
-             "cross_layer_decode": cross_layer_decode}
+def kl_divergence(original_logits: Tensor, replacement_logits: Tensor) -> Tensor:
+    log_p, log_q = original_logits.log_softmax(-1), replacement_logits.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def replace_one_layer(model: nn.Module, inputs: dict, layer: int, transcoder: Callable[[Tensor], Tensor]) -> Tensor:
+    from .sites import decoder_layers
+
+    # A forward hook that returns a value replaces the module's output; the layers after it read the replacement.
+    handle = decoder_layers(model)[layer].mlp.register_forward_hook(lambda _m, args, _out: transcoder(args[0]))
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits
+    finally:
+        handle.remove()
+
+
+def edge_weights(activations: Tensor, decoders: Tensor, reads: Tensor) -> Tensor:
+    return (reads @ decoders.T) * activations
+
+
+def influence(adjacency: Tensor, weights: Tensor) -> Tensor:
+    absolute = adjacency.abs()
+    return _path_sum(absolute / absolute.sum(1, keepdim=True).clamp(min=1e-10), weights)
+
+
+def _path_sum(A: Tensor, weights: Tensor) -> Tensor:
+    """w (A + A^2 + ...): the graph is acyclic, so the series ends after at most len(A) terms."""
+    current, total = weights @ A, torch.zeros_like(weights)
+    while current.any():
+        total, current = total + current, current @ A
+    return total
+
+
+SOLUTIONS = {"rms_norm": rms_norm, "capture_mlp_in": capture_mlp_in, "layer_scale": layer_scale, "cell_patches": cell_patches,
+             "fvu": fvu, "topk": topk, "cross_layer_decode": cross_layer_decode, "kl_divergence": kl_divergence,
+             "replace_one_layer": replace_one_layer, "edge_weights": edge_weights, "influence": influence}
 
 
 def solution(name: str) -> Callable:
@@ -200,4 +252,113 @@ def check_cross_layer_decode(fn: Callable) -> str:
         "decoder column 0 is the source's own layer": shifted,
         "you averaged the sources: a target's reconstruction is the sum over every source that reaches it":
             reference / counts[:, None],
+    })
+
+
+def check_layer_scale(fn: Callable) -> str:
+    g = torch.Generator().manual_seed(4)
+    acts = torch.randn(50, 3, 16, generator=g) * torch.tensor([0.5, 2.0, 9.0])[:, None] * (torch.rand(50, 1, 1, generator=g) + 0.5)
+    mean_sq = acts.pow(2).sum(-1).mean(0)
+    return _judge("layer_scale", _run("layer_scale", fn, acts), layer_scale(acts), {
+        "that scale makes quiet layers quieter: normalised = raw * scale, so the scale is sqrt(d / mean squared norm)":
+            (mean_sq / 16).sqrt(),
+        "the square root is missing: scaling by s multiplies the squared norm by s**2": 16 / mean_sq,
+        "you averaged the norms and then squared: the target is the mean of the *squared* norms":
+            (16 / acts.norm(dim=-1).mean(0).pow(2)).sqrt(),
+        "that brings the mean squared norm to 1; the course scales to d, so each unit has a mean square of about 1":
+            mean_sq.rsqrt(),
+    })
+
+
+def check_cell_patches(fn: Callable) -> str:
+    cases = [(5, 3, 6), (0, 3, 6), (7, 3, 24)]  # the toy's 6x6 patch grid, and LLaVA-1.5's 24x24 (336 px / 14 px)
+    for cell, cells, side in cases:
+        per = side // cells
+        row, col = divmod(cell, cells)
+        answer = _run("cell_patches", fn, cell, cells, side)
+        answer = torch.as_tensor(answer).sort().values if isinstance(answer, (Tensor, list)) else answer
+        _judge("cell_patches", answer, cell_patches(cell, cells, side), {
+            "rows and columns are swapped: cell c is at row c // cells_per_side, and patches are numbered row by row":
+                cell_patches(col * cells + row, cells, side).sort().values,
+            "a cell is patches_per_side // cells_per_side patches wide: multiply its row and column by that width first":
+                torch.tensor([(row + i) * side + col + j for i in range(per) for j in range(per)]).sort().values,
+            "a patch's index is row * patches_per_side + column: you stepped rows by the cell's width":
+                torch.tensor([(row * per + i) * per + col * per + j for i in range(per) for j in range(per)]).sort().values,
+        })
+    return "cell_patches: correct"
+
+
+def check_kl_divergence(fn: Callable) -> str:
+    g = torch.Generator().manual_seed(5)
+    original = torch.randn(12, 9, generator=g) * 3
+    replacement = original + torch.randn(12, 9, generator=g)
+    log_p, log_q = original.log_softmax(-1), replacement.log_softmax(-1)
+    return _judge("kl_divergence", _run("kl_divergence", fn, original, replacement), kl_divergence(original, replacement), {
+        "that is KL(replacement || original): the expectation is under the original model's distribution":
+            kl_divergence(replacement, original),
+        "you summed over positions: the course reports the mean KL per position": (log_p.exp() * (log_p - log_q)).sum(),
+        "logits are not log-probabilities: take log_softmax first": (log_p.exp() * (original - replacement)).sum(-1).mean(),
+    })
+
+
+def check_replace_one_layer(fn: Callable, model: nn.Module, inputs: dict, layer: int) -> str:
+    from .sites import decoder_layers
+
+    d = model.config.text_config.hidden_size
+    transcoder = nn.Linear(d, d)
+    with torch.no_grad():
+        nn.init.normal_(transcoder.weight, std=d**-0.5, generator=torch.Generator().manual_seed(6))
+        transcoder.bias.zero_()
+    weight = next(model.parameters())
+    transcoder = transcoder.to(weight.device, weight.dtype)  # the residual stream's dtype, as a real transcoder's output
+    mlp = decoder_layers(model)[layer].mlp
+    hooks_before = len(mlp._forward_hooks)
+    answer = _run("replace_one_layer", fn, model, inputs, layer, transcoder)
+    if len(mlp._forward_hooks) != hooks_before:
+        raise ExerciseFailed("replace_one_layer: your hook is still attached after the function returned; keep its handle "
+                             "and call handle.remove() in a finally: block")
+    with torch.no_grad():
+        original = model(**inputs).logits
+        handle = mlp.register_forward_hook(lambda _m, args, out: out + transcoder(args[0]))
+        try:
+            added = model(**inputs).logits
+        finally:
+            handle.remove()
+    return _judge("replace_one_layer", answer, replace_one_layer(model, inputs, layer, transcoder), {
+        "the logits are the original model's: a forward hook changes the output only if it *returns* the new value":
+            original,
+        "you added the reconstruction to the MLP's output: the replacement takes the MLP's place, return it alone": added,
+    })
+
+
+def check_edge_weights(fn: Callable) -> str:
+    g = torch.Generator().manual_seed(7)
+    activations, decoders, reads = torch.rand(5, generator=g) + 0.5, torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g)
+    reference = edge_weights(activations, decoders, reads)
+    return _judge("edge_weights", _run("edge_weights", fn, activations, decoders, reads), reference, {
+        "the source's activation is missing: a feature's write is its activation times its decoder vector":
+            reads @ decoders.T,
+        "edges are signed (a source can push a target down); keep the sign, pruning takes |.| later": reference.abs(),
+        "you scaled by the *target's* activation: the edge carries the source's write into the target's read":
+            (reads @ decoders.T) * activations[:3, None],
+    })
+
+
+def check_influence(fn: Callable) -> str:
+    g = torch.Generator().manual_seed(8)
+    n = 7
+    adjacency = torch.randn(n, n, generator=g).tril(-1)  # row = target, column = source; sources come first: acyclic
+    adjacency[:, 0] = 0.0  # node 0 reads nothing and feeds nothing: an isolated input
+    weights = torch.zeros(n)
+    weights[-1] = 1.0  # the logit
+    reference = influence(adjacency, weights)
+    row_sums = adjacency.abs().sum(1, keepdim=True).clamp(min=1e-10)
+    return _judge("influence", _run("influence", fn, adjacency, weights), reference, {
+        "that is only the direct effect w A: influence also flows through intermediate nodes (A^2, A^3, ...)":
+            weights @ (adjacency.abs() / row_sums),
+        "normalise each row of |A| to sum 1 first, so influence is a share of each target's input":
+            _path_sum(adjacency.abs(), weights),
+        "take absolute values: opposite-signed paths must not cancel in an influence score":
+            _path_sum(adjacency / row_sums, weights),
+        "the series starts at A: a node's own weight (the identity term) is not influence": reference + weights,
     })

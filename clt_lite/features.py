@@ -11,7 +11,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from . import data, models, sites
+from . import attribution, data, models, sites
 from .clt import CrossLayerTranscoder
 from .store import ActivationStore
 
@@ -100,6 +100,37 @@ def steered_answer(loaded: models.LoadedModel, clt: CrossLayerTranscoder, sample
     """The model's greedy answer with the feature scaled."""
     with steered(loaded.model, clt, layer, feature, scale):
         return models.generate_answers(loaded, [sample])[0]
+
+
+class SteeredFeature(NamedTuple):
+    """A graph feature and the model's answer with it scaled."""
+
+    layer: int
+    latent: int
+    position: int  # where it fires in the prompt
+    rank: int  # its place among all the graph's features by influence on the answer (0 = most influential)
+    answers: dict[float, str]  # scale -> greedy answer (scale 1 is the unsteered model)
+
+    @property
+    def changes_answer(self) -> bool:
+        return len(set(self.answers.values())) > 1
+
+
+def object_features(loaded: models.LoadedModel, clt: CrossLayerTranscoder, graph: attribution.AttributionGraph,
+                    sample: data.Sample, n: int = 8, scales: tuple[float, ...] = (-4.0, 0.0, 1.0, 4.0, 8.0)) -> list[SteeredFeature]:
+    """The n most influential graph features at the image patches of the sample's object, each steered by `scales`."""
+    image_positions = graph.image_positions.nonzero(as_tuple=True)[0].tolist()
+    on_object = {image_positions[p] for cell in sample.target_cells for p in loaded.world.cell_patches(cell)}
+    ranked = attribution.feature_influence(graph).argsort(descending=True).tolist()
+    found = []
+    for rank, index in enumerate(ranked):
+        layer, position, latent = graph.features[index].tolist()
+        if position in on_object:
+            answers = {scale: steered_answer(loaded, clt, sample, layer, latent, scale) for scale in scales}
+            found.append(SteeredFeature(layer, latent, position, rank, answers))
+            if len(found) == n:
+                break
+    return found
 
 
 def store_sample(store: ActivationStore, index: int, world: data.WorldConfig) -> data.Sample:

@@ -98,3 +98,17 @@ def test_explorer_widgets_follow_their_values(tiny, setup):
     explorer.scale.value = 0.0
     assert explorer.steered == features.steered_answer(tiny, clt, sample, 1, 3, 0.0)
     assert "x0" in explorer.answer.value and explorer.steered in explorer.answer.value
+
+
+def test_object_features_sit_on_the_objects_patches_in_influence_order(tiny, setup):
+    from clt_lite import attribution
+
+    _, clt = setup
+    sample = data.shapes_world(4, "test", seed=0, world=tiny.world, family="colour")[0]
+    graph = attribution.attribute(tiny, clt, sample, max_feature_nodes=256)
+    found = features.object_features(tiny, clt, graph, sample, n=3, scales=(1.0, 0.0))
+    image_positions = graph.image_positions.nonzero(as_tuple=True)[0].tolist()
+    on_object = {image_positions[p] for cell in sample.target_cells for p in tiny.world.cell_patches(cell)}
+    assert found and all(f.position in on_object for f in found)
+    assert [f.rank for f in found] == sorted(f.rank for f in found)
+    assert all(set(f.answers) == {1.0, 0.0} and f.changes_answer == (f.answers[1.0] != f.answers[0.0]) for f in found)

@@ -1,0 +1,92 @@
+"""Prose cannot disagree with the outputs: every number in a notebook's markdown is found in that notebook's
+executed code cells (an output or a parameter), or is a stated definition listed here with its reason; every
+exercise header names the difficulty and time its `clt_lite.exercises` entry declares."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from clt_lite import exercises
+from clt_lite.notebooks import notebook_paths
+
+NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:e-?\d+)?")
+EXERCISE_HEADER = re.compile(r"^### Exercise \((\*+), ~(\d+) min\)", re.M)
+
+# Numbers in prose that are facts or thresholds, not measurements of this run (so no output needs to print them).
+DEFINITIONS = {
+    "00": {"14": "LLaVA-7B's bfloat16 weights in GB, a fact of the model", "1.5": "the model's name"},
+    "01": {"1.5": "the model's name", "4": "transformers major version", "5": "transformers major version",
+           "1.2e-7": "float32's machine epsilon", "7.8e-3": "bfloat16's machine epsilon"},
+    "02": {"24": "LLaVA-1.5's patch grid", "336": "LLaVA-1.5's image size", "14": "LLaVA-1.5's patch size",
+           "1.5": "the model's name"},
+    "04": {"50": "the claim of the design the course grew from", "80": "the filtered subset's definition",
+           "90": "the course's agreement goal", "5": "the course's accuracy goal"},
+}
+
+
+def _outputs_and_sources(notebook: dict) -> str:
+    """Everything the code cells say: their sources (parameters, thresholds) and outputs, without thousands commas."""
+    parts = []
+    for cell in notebook["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        parts.append("".join(cell["source"]))
+        for output in cell.get("outputs", []):
+            parts.append("".join(output.get("text", "")))
+            parts.extend("".join(v) for k, v in output.get("data", {}).items() if k.startswith("text/"))
+    return "\n".join(parts).replace(",", "")
+
+
+def _prose_numbers(markdown: str) -> list[str]:
+    markdown = EXERCISE_HEADER.sub("", markdown)  # difficulty and minutes: checked against the registry below
+    markdown = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    markdown = re.sub(r"`[^`]*`", "", markdown)  # code names the reader types, not claims
+    markdown = re.sub(r"\]\([^)]*\)", "]", markdown)  # link targets
+    markdown = re.sub(r"\((?:[^()]*, )?(?:19|20)\d\d\)|arXiv:[\d.]+", "", markdown)  # citations: (2023), (Ameisen et al., 2025)
+    markdown = re.sub(r"\b0[0-6]\b", "", markdown)  # notebook numbers
+    return [n.rstrip(",").replace(",", "") for n in NUMBER.findall(markdown)]
+
+
+def unbacked_numbers(path: Path) -> list[str]:
+    """Numbers stated in markdown that no code cell of the notebook prints or sets, nor DEFINITIONS lists."""
+    notebook = json.loads(path.read_text())
+    said = _outputs_and_sources(notebook)
+    allowed = DEFINITIONS.get(path.name[:2], {})
+    missing = []
+    for index, cell in enumerate(notebook["cells"]):
+        if cell["cell_type"] != "markdown":
+            continue
+        for number in _prose_numbers("".join(cell["source"])):
+            if number not in allowed and not re.search(r"(?<![\d.])" + re.escape(number) + r"(?!\d)", said):
+                missing.append(f"{path.name} cell {index}: {number}")
+    return missing
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name[:2])
+def test_every_number_in_prose_comes_from_the_outputs(path):
+    assert unbacked_numbers(path) == []
+
+
+def test_a_stale_number_in_prose_is_caught(tmp_path):
+    notebook = {"cells": [{"cell_type": "code", "source": ["print(0.93)"], "outputs": [{"text": ["0.93\n"]}]},
+                          {"cell_type": "markdown", "source": ["Agreement is 0.93, up from 0.91 last time."]}]}
+    path = tmp_path / "04_x.ipynb"
+    path.write_text(json.dumps(notebook))
+    assert unbacked_numbers(path) == ["04_x.ipynb cell 1: 0.91"]
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name[:2])
+def test_exercise_headers_match_the_registry(path):
+    notebook = json.loads(path.read_text())
+    cells = notebook["cells"]
+    posed = []
+    for index, cell in enumerate(cells):
+        header = EXERCISE_HEADER.search("".join(cell["source"])) if cell["cell_type"] == "markdown" else None
+        if header:
+            name = re.match(r"def (\w+)\(", "".join(cells[index + 1]["source"])).group(1)
+            entry = exercises.EXERCISES[name]
+            assert (entry.notebook, entry.difficulty, entry.minutes) == (path.name[:2], header[1], int(header[2])), name
+            posed.append(name)
+    assert posed == [name for name, entry in exercises.EXERCISES.items() if entry.notebook == path.name[:2]]
