@@ -1,5 +1,5 @@
 # Two commands: `make run` (set up, execute every notebook on the CPU config) and
-# `make test` (set up, unit tests + nbval). Set-up is skipped when nothing changed.
+# `make test` (set up, lint, unit tests + nbval). Set-up is skipped when nothing changed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,6 +25,7 @@ run: setup
 	@echo "executed notebooks: runs/$(notdir $(basename $(CONFIG)))/  figures: figures/"
 
 test: setup
+	$(PY) -m ruff check clt_lite tests benchmarks notebooks
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout 1800
 

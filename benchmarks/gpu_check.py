@@ -90,7 +90,7 @@ def capture_phase(loaded: models.LoadedModel, batches: list[data.EncodedBatch], 
 
 def stream_phase(loaded: models.LoadedModel, samples: list[data.Sample], args, device: torch.device) -> dict:
     source = store.StreamingSource(loaded, samples, input_site="mlp_in", forward_batch=args.forward_batch)
-    source.input_scale  # estimate the normalisation scales now (a one-off pass), outside the timing
+    _ = source.input_scale  # estimate the normalisation scales now (a one-off pass), outside the timing
     seconds, _, peak = measure(device, lambda: sum(1 for _ in islice(source.batches(args.batch_size), args.stream_batches)))
     return {"stream_tok_s": args.stream_batches * args.batch_size / seconds, "stream_peak_gib": peak}
 

@@ -15,9 +15,12 @@ from pathlib import Path
 def _cmd_notebooks(args) -> dict:
     from .notebooks import run_notebooks
 
-    runs = run_notebooks(args.config, args.only, figure_dir=args.figures, in_place=args.in_place)
+    runs = run_notebooks(args.config, args.only, figure_dir=args.figures, in_place=args.in_place, progress=not args.json)
+    width = max(len(run.notebook) for run in runs)
+    print(f"\n{'notebook':<{width}}  seconds  executed copy")
     for run in runs:
-        print(f"{run.notebook}: {run.seconds:.0f} s -> {run.output}")
+        print(f"{run.notebook:<{width}}  {run.seconds:>7.0f}  {run.output}")
+    print(f"{'all':<{width}}  {sum(run.seconds for run in runs):>7.0f}")
     return {"notebooks": [{"name": r.notebook, "output": str(r.output), "seconds": round(r.seconds, 1)} for r in runs]}
 
 

@@ -101,7 +101,7 @@ class CLTConfig:
         return DTYPES[self.dtype]
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CLTConfig":
+    def from_dict(cls, values: dict) -> CLTConfig:
         """Build from a dict (e.g. a saved config.json), rejecting unknown keys with one line."""
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
@@ -369,7 +369,7 @@ class CrossLayerTranscoder(nn.Module):
         atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self.config), indent=2)))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "CrossLayerTranscoder":
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CrossLayerTranscoder:
         """Read a folder written by save(); one-line ValueError for missing, corrupt or mismatched files."""
         path = Path(path)
         config_path = path / CONFIG_FILE

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:  # for annotations only: the functions that use torch import it themselves
+    import torch
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # name -> RGB; far apart so light jitter never confuses them
@@ -327,12 +331,12 @@ def vocabulary() -> list[str]:
 class EncodedBatch:
     """Token ids, pixels and position masks for one batch (right-padded)."""
 
-    input_ids: "torch.Tensor"  # [batch, seq] token ids, image token repeated once per patch
-    attention_mask: "torch.Tensor"  # [batch, seq] 1 for real tokens, 0 for padding
-    pixel_values: "torch.Tensor | None"  # [batch, 3, H, W] normalised pixels
-    answer_mask: "torch.Tensor"  # [batch, seq] bool: answer tokens incl. EOS (empty without answers)
+    input_ids: torch.Tensor  # [batch, seq] token ids, image token repeated once per patch
+    attention_mask: torch.Tensor  # [batch, seq] 1 for real tokens, 0 for padding
+    pixel_values: torch.Tensor | None  # [batch, 3, H, W] normalised pixels
+    answer_mask: torch.Tensor  # [batch, seq] bool: answer tokens incl. EOS (empty without answers)
 
-    def answers_correct(self, logits: "torch.Tensor") -> "torch.Tensor":
+    def answers_correct(self, logits: torch.Tensor) -> torch.Tensor:
         """[batch] bool: the argmax at every answer position (EOS included) is the reference token.
 
         Equals greedy exact match without running generate(): greedy decoding reproduces the
@@ -356,7 +360,8 @@ def check_image_tokens(prompts: list[str], images: list | None) -> None:
         count = prompt.count("<image>")
         has_image = images is not None and images[i] is not None
         if has_image and count != 1:
-            raise ValueError(f"prompt {i} has {count} <image> tokens but one image was given; put exactly one <image> in it, e.g. 'USER: <image>\\nWhat is this? ASSISTANT:'")
+            raise ValueError(f"prompt {i} has {count} <image> tokens but one image was given; put exactly one <image> in it, "
+                             "e.g. 'USER: <image>\\nWhat is this? ASSISTANT:'")
         if not has_image and count:
             raise ValueError(f"prompt {i} contains <image> but no image was given; pass an image or remove the token")
 
@@ -376,7 +381,9 @@ def encode_batch(processor, samples: list[Sample], with_answers: bool = False, m
     rows, answer_rows = [], []
     for ids, mask, sample in zip(encoded["input_ids"], encoded["attention_mask"], samples):
         prompt_ids = ids[mask.bool()].tolist()
-        answer_ids = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if with_answers and sample.answer else []
+        answer_ids = []
+        if with_answers and sample.answer:
+            answer_ids = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt_ids + answer_ids)
         answer_rows.append([False] * len(prompt_ids) + [True] * len(answer_ids))
     width = max(map(len, rows))

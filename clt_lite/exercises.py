@@ -9,7 +9,8 @@ reads one line); it returns a short confirmation when the function is right.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn

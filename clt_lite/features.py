@@ -6,8 +6,9 @@ Pure functions over a model, a CLT and an activation store; the feature explorer
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 

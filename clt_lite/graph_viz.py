@@ -62,8 +62,8 @@ def draw_graph(graph: AttributionGraph, pruned: Pruned | None = None, max_edges:
     image = graph.image_positions.nonzero(as_tuple=True)[0]
     if len(image):
         ax.axvspan(int(image[0]) - 0.5, int(image[-1]) + 0.5, color="#f0e68c", alpha=0.25, zorder=0, label="image patches")
-    ax.set(xlabel="context position", xlim=(-1, graph.n_positions + 1), ylim=(-1.5, graph.n_layers + 0.8), title=f"attribution graph: {len(nodes)} nodes, "
-           f"{int(pruned.edge_mask.sum())} edges (drawn: {len(strongest)})")
+    ax.set(xlabel="context position", xlim=(-1, graph.n_positions + 1), ylim=(-1.5, graph.n_layers + 0.8),
+           title=f"attribution graph: {len(nodes)} nodes, {int(pruned.edge_mask.sum())} edges (drawn: {len(strongest)})")
     ax.legend(loc="upper left", fontsize=7, ncol=5)
     fig.tight_layout()
     return fig

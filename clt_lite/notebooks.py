@@ -38,14 +38,30 @@ def notebook_paths(only: list[str] | None = None) -> list[Path]:
     return paths
 
 
+def _local_kernel_manager():
+    """A kernel manager whose kernels talk over local IPC sockets instead of TCP (Linux and macOS):
+    nothing listens on a port, and ipykernel has no unencrypted-TCP warning to print for every notebook."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class LocalKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self):
+            return "ipc"
+
+    return LocalKernelManager
+
+
 def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure_dir: str | None = None,
-                  in_place: bool = False) -> list[NotebookRun]:
+                  in_place: bool = False, progress: bool = True) -> list[NotebookRun]:
     """Execute notebooks in order; stop at the first failure, naming notebook and cell.
 
     Executed copies go to runs/<config name>/; figure_dir (relative to notebooks/) is
     passed as a parameter so `make run` can write the committed figures/.
     in_place: execute with the notebooks' own defaults (the CPU config, which a test
     keeps equal to cpu.yaml) and overwrite them: how the committed outputs are made.
+    progress: a line as each notebook starts and ends (its time and the figures it wrote) and a bar of
+    cells done for the running one.
     """
     import time
 
@@ -65,17 +81,27 @@ def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure
     out_dir = ROOT / "runs" / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
-    for path in notebook_paths(only):
+    paths = notebook_paths(only)
+    figures = Path(parameters.get("figure_dir", "../runs/cpu/figures"))
+    figures = figures if figures.is_absolute() else (NOTEBOOK_DIR / figures).resolve()
+    kernel_manager = _local_kernel_manager()
+    for number, path in enumerate(paths, 1):
         start = time.time()
         output = path if in_place else out_dir / path.name
+        if progress:
+            print(f"[{number}/{len(paths)}] {path.name} ...", flush=True)
         try:
             known = papermill.inspect_notebook(str(path))  # pass each notebook only its own parameters
             papermill.execute_notebook(str(path), str(output), parameters={k: v for k, v in parameters.items() if k in known},
-                                       cwd=str(NOTEBOOK_DIR),
-                                       kernel_name="python3", progress_bar=False)
+                                       cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=progress,
+                                       kernel_manager_class=kernel_manager)
         except PapermillExecutionError as error:
             raise RuntimeError(f"{path.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue} (executed copy: {output})") from None
         runs.append(NotebookRun(path.name, output, time.time() - start))
+        if progress:
+            written = sorted(f.name for f in figures.glob("*.png") if f.stat().st_mtime >= start) if figures.is_dir() else []
+            print(f"[{number}/{len(paths)}] {path.name}: {runs[-1].seconds:.0f} s" + (f", figures {', '.join(written)}" if written else ""),
+                  flush=True)
     return runs
 
 

@@ -23,8 +23,8 @@ parameter shapes the trainer optimizes, so the two cannot disagree on what a rec
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn

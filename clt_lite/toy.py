@@ -289,7 +289,7 @@ def _save_checkpoint(model, cell_head, optimizer, folder: Path, state: dict, sav
     folder.mkdir(parents=True, exist_ok=True)
     for name, module in (("model", model), ("cell_head", cell_head)):
         tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(folder / f"{name}.safetensors", lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
     atomic_write(folder / "optimizer.pt", lambda tmp: torch.save(optimizer.state_dict(), tmp))
     write_json(folder / "state.json", state, indent=None)
 

@@ -10,8 +10,19 @@ from pathlib import Path
 import pytest
 
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
-from clt_lite.plan import (DEVICE_PRESETS, GiB, check_fits, format_gpus, format_plan, format_recipes, model_dims,
-                           param_shapes, plan, storage_advice, targets_sources_table)
+from clt_lite.plan import (
+    DEVICE_PRESETS,
+    GiB,
+    check_fits,
+    format_gpus,
+    format_plan,
+    format_recipes,
+    model_dims,
+    param_shapes,
+    plan,
+    storage_advice,
+    targets_sources_table,
+)
 from clt_lite.store import bytes_per_token
 
 LLAVA = model_dims("llava-1.5-7b")

@@ -90,3 +90,41 @@ def test_exercise_headers_match_the_registry(path):
             assert (entry.notebook, entry.difficulty, entry.minutes) == (path.name[:2], header[1], int(header[2])), name
             posed.append(name)
     assert posed == [name for name, entry in exercises.EXERCISES.items() if entry.notebook == path.name[:2]]
+
+
+def test_the_workshop_guide_states_the_measured_times_and_the_exercise_minutes():
+    """docs/workshop.md's timing table equals benchmarks/results/notebook-times-cpu.json and the exercise registry."""
+    root = Path(__file__).resolve().parent.parent
+    measured = json.loads((root / "benchmarks" / "results" / "notebook-times-cpu.json").read_text())["seconds"]
+    guide = (root / "docs" / "workshop.md").read_text()
+    rows = re.findall(r"^\| (\d\d|all) \| (\d+) s \| (\d+) s \| (–|\d+ min) \|$", guide, re.M)
+    assert [r[0] for r in rows] == sorted(measured["cold"]) + ["all"]
+    for number, cold, warm, minutes in rows:
+        if number == "all":
+            assert (int(cold), int(warm)) == (sum(measured["cold"].values()), sum(measured["warm"].values()))
+            assert minutes == f"{sum(e.minutes for e in exercises.EXERCISES.values())} min"
+            continue
+        assert (int(cold), int(warm)) == (measured["cold"][number], measured["warm"][number]), number
+        expected = sum(e.minutes for e in exercises.EXERCISES.values() if e.notebook == number)
+        assert minutes == (f"{expected} min" if expected else "–"), number
+
+
+def _rounds_to(number: str, said: set[float]) -> bool:
+    """Whether some printed value, rounded to the decimals `number` is written with, equals it (97% means 0.97)."""
+    percent = number.endswith("%")
+    text = number.rstrip("%")
+    decimals = len(text.partition(".")[2]) + (2 if percent else 0)
+    value = float(text) / (100 if percent else 1)
+    return any(round(x, decimals) == round(value, decimals) for x in said)
+
+
+def test_the_readme_states_only_numbers_the_notebooks_print():
+    """Each number in the README's 'What the CPU run measures today' is printed (or set) by a notebook, to its decimals."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme.split("## What the CPU run measures today", 1)[1].split("\n## ", 1)[0]
+    section = re.sub(r"!\[[^\]]*\]\([^)]*\)|`[^`]*`", "", section)  # figures and code names
+    said = " ".join(_outputs_and_sources(json.loads(p.read_text())) for p in notebook_paths())
+    values = {float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", said)}
+    stale = [n for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?%?", section.replace(",", "")) if not _rounds_to(n, values)]
+    assert stale == []

@@ -91,7 +91,7 @@ def test_corrupt_and_truncated_shards_are_named(captured, tmp_path):
 
 
 def test_small_disk_is_refused_before_writing(tiny, samples, tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "free_bytes", lambda path: 10_000)
+    monkeypatch.setattr(store.capturing, "free_bytes", lambda path: 10_000)  # patched where capture() looks it up
     with pytest.raises(ValueError, match="not enough disk space"):
         store.capture(tiny, samples, tmp_path / "acts", CONFIG, progress=False)
     assert not list((tmp_path / "acts").glob("shard-*"))
