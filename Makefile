@@ -8,7 +8,7 @@ CONFIG ?= configs/cpu.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test smoke gpu-check clean
+.PHONY: setup run lab test smoke gpu-check figures clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m clt_lite notebooks --config $(CONFIG) --figures ../figures
-	@echo "executed notebooks: runs/$(notdir $(basename $(CONFIG)))/  figures: figures/"
+	$(PY) -m clt_lite notebooks --config $(CONFIG)
+	@echo "executed notebooks: runs/$(notdir $(basename $(CONFIG)))/  figures: runs/$(notdir $(basename $(CONFIG)))/figures/"
+
+# Maintainers: re-execute notebooks/ in place (the committed outputs) and refresh the committed figures/ from that run.
+figures: setup
+	$(PY) -m clt_lite notebooks --in-place
+	cp runs/cpu/figures/*.png figures/
+
+# JupyterLab on this machine only (127.0.0.1), the course open at its first notebook; it prints the URL with its token.
+lab: setup
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser notebooks/00_setup.ipynb
 
 test: setup
 	$(PY) -m ruff check clt_lite tests benchmarks notebooks

@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--in-place", action="store_true", help="overwrite notebooks/ with outputs of the CPU defaults (maintainers)")
 
     # Defaults come from the config dataclasses (CLTConfig, TrainConfig, CaptureConfig): one default per option.
+    from . import plan
     from .clt import ACTIVATIONS, CLTConfig
+    from .sites import INPUT_SITES
     from .store import CaptureConfig
     from .train import TrainConfig
 
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = command("plan", "parameters, memory, FLOPs and speed bounds of a CLT config", _cmd_plan)
     pl.add_argument("--model", required=True, help="preset (llava-1.5-7b, tiny-llava-shapes) or a model folder")
     clt_options(pl)
-    pl.add_argument("--device-preset", choices=["h200", "cpu-2core"], help="bound speed and memory on this device")
+    pl.add_argument("--device-preset", choices=list(plan.DEVICE_PRESETS), help="bound speed and memory on this device")
     pl.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (each holds a full replica)")
     pl.add_argument("--batch-size", type=int, default=4096, help="tokens per step, over all GPUs")
 
@@ -177,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--tokens", type=int, help="stop after this many tokens")
     ca.add_argument("--out", required=True, type=Path)
     ca.add_argument("--dtype", default=CaptureConfig.dtype, help="on-disk dtype: float16, bfloat16 or float32")
-    ca.add_argument("--input-sites", nargs="+", default=list(CaptureConfig.input_sites), choices=["mlp_in", "resid_mid"],
+    ca.add_argument("--input-sites", nargs="+", default=list(CaptureConfig.input_sites), choices=INPUT_SITES,
                     help="CLT input site(s) to store: mlp_in (after the norm; default, see notebook 04) and/or resid_mid")
     ca.add_argument("--device", default="auto")
     ca.add_argument("--seed", type=int, default=0)
@@ -186,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = command("train", "train a CLT on a captured store (resumes from its checkpoints)", _cmd_train)
     tr.add_argument("--acts", required=True, type=Path, help="store folder written by capture")
-    tr.add_argument("--input-site", choices=["mlp_in", "resid_mid"],
+    tr.add_argument("--input-site", choices=INPUT_SITES,
                     help="which stored site the CLT reads (default: the store's first)")
     clt_options(tr)
     tr.add_argument("--tokens", type=int, default=TrainConfig.tokens, help="training tokens")

@@ -15,26 +15,22 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .choices import Activation, DType, InputSite, check, names
+from .devices import DTYPES
 from .files import atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "clt.safetensors"
-ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
-INPUT_SITES = ("resid_mid", "mlp_in")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# circuit-tracer / TransformerLens hook names of our sites.
-INPUT_HOOKS = {"resid_mid": "hook_resid_mid", "mlp_in": "ln2.hook_normalized"}
-OUTPUT_HOOK = "hook_mlp_out"
+ACTIVATIONS = names(Activation)
 
 
 @dataclass
@@ -47,13 +43,13 @@ class CLTConfig:
     expansion_factor: int = 8  # latents per layer as a multiple of d_model, used when n_latents == 0
     k: int = 32  # active latents per token per layer (TopK exact, BatchTopK on average, JumpReLU initial L0)
     cross_layer: int = 0  # C: a layer-s latent writes to targets s..s+C-1; 0 or n_layers means all later layers
-    activation: str = "topk"  # "topk", "batchtopk" (top B*k per layer over the batch, also at eval) or "jumprelu"
+    activation: Activation = "topk"  # "topk", "batchtopk" (top B*k per layer over the batch, also at eval) or "jumprelu"
     jumprelu_bandwidth: float = 0.05  # JumpReLU: width of the straight-through kernel for the threshold gradient
     skip_connection: bool = False  # add a learned linear map from input t to target t (W_skip[t], zero init)
     post_encoder_scale: bool = False  # multiply each latent's activation by a per-latent scale (init 1)
     train_post_encoder: bool = True  # whether that post-encoder scale is trained (frozen at 1 when False)
-    input_site: str = "mlp_in"  # "mlp_in" (after the MLP's norm: the course's default on a VLM) or "resid_mid" (paper, circuit-tracer)
-    dtype: str = "float32"  # parameter dtype: "float32", "bfloat16" or "float16"
+    input_site: InputSite = "mlp_in"  # "mlp_in" (after the MLP's norm: the course's default on a VLM) or "resid_mid" (paper, circuit-tracer)
+    dtype: DType = "float32"  # parameter dtype: "float32", "bfloat16" or "float16"
 
     def __post_init__(self) -> None:
         if self.n_layers < 1 or self.d_model < 1:
@@ -68,12 +64,9 @@ class CLTConfig:
             raise ValueError(
                 f"cross_layer={self.cross_layer} must be in 0..{self.n_layers} (0 or n_layers = full, 1 = per-layer)"
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} unknown; use one of {', '.join(ACTIVATIONS)}")
-        if self.input_site not in INPUT_SITES:
-            raise ValueError(f"input_site {self.input_site!r} unknown; use one of {', '.join(INPUT_SITES)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} unknown; use one of {', '.join(DTYPES)}")
+        check("activation", self.activation, Activation)
+        check("input_site", self.input_site, InputSite)
+        check("dtype", self.dtype, DType)
         if self.jumprelu_bandwidth <= 0:
             raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
 
@@ -385,55 +378,6 @@ class CrossLayerTranscoder(nn.Module):
         _load_checked(model, tensors, path / WEIGHTS_FILE)
         return model
 
-    # ------------------------------------------------------------------------------- export
-    @torch.no_grad()
-    def export_circuit_tracer(self, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        """Write circuit-tracer's CLT layout with the scales folded in, so the files act on raw activations.
-
-        Per layer l: W_enc_{l}.safetensors (W_enc_l [n, d], b_enc_l [n], b_dec_l [d], threshold_l [n] for
-        JumpReLU, W_skip_l [d, d] with a skip) and W_dec_{l}.safetensors (W_dec_l [n, L-l, d]; targets past
-        l+C-1 are zero so partial cross_layer still loads there). Folding: W_enc' = W_enc * s_in[l],
-        W_dec'[s->t] = W_dec[s->t] * post_scale[s] / s_out[t], b_dec'[t] = b_dec[t] / s_out[t],
-        W_skip'[t] = W_skip[t] * s_in[t] / s_out[t]. circuit-tracer itself reads JumpReLU/ReLU CLTs; the
-        activation and k are recorded under `clt_lite` in config.yaml for load_circuit_tracer.
-        """
-        cfg = self.config
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        dtype = dtype or cfg.torch_dtype
-        s_in, s_out = self.input_scale.float(), self.target_scale.float()
-        L, n, d = cfg.n_layers, cfg.num_latents, cfg.d_model
-        for s in range(L):
-            enc = {
-                f"W_enc_{s}": self.W_enc[s].float() * s_in[s],
-                f"b_enc_{s}": self.b_enc[s].float(),
-                f"b_dec_{s}": self.b_dec[s].float() / s_out[s],
-            }
-            if cfg.activation == "jumprelu":
-                enc[f"threshold_{s}"] = self.log_threshold[s].float().exp()
-            if cfg.skip_connection:
-                enc[f"W_skip_{s}"] = self.W_skip[s].float() * s_in[s] / s_out[s]
-            W = self.W_dec[s].float()
-            if cfg.post_encoder_scale:
-                W = W * self.post_enc_scale[s].float()[:, None, None]
-            padded = torch.zeros(n, L - s, d, device=W.device)
-            padded[:, : W.shape[1]] = W / s_out[s : s + W.shape[1], None]
-            _save_cpu(out / f"W_enc_{s}.safetensors", enc, dtype)
-            _save_cpu(out / f"W_dec_{s}.safetensors", {f"W_dec_{s}": padded}, dtype)
-        meta = asdict(replace(cfg, post_encoder_scale=False, dtype=str(dtype).removeprefix("torch.")))
-        config = {
-            "model_kind": "cross_layer_transcoder",
-            "feature_input_hook": INPUT_HOOKS[cfg.input_site],
-            "feature_output_hook": OUTPUT_HOOK,
-            "clt_lite": meta,
-        }
-        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
-
-
-def _save_cpu(path: Path, tensors: dict[str, Tensor], dtype: torch.dtype) -> None:
-    cpu = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, str(tmp)))
-
 
 def _load_checked(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
     """Check names and shapes against what the config implies (one line on mismatch), then load in place."""
@@ -446,53 +390,3 @@ def _load_checked(model: nn.Module, tensors: dict[str, Tensor], source: Path) ->
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)} but the config implies {shape}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, assign=True)
-
-
-def load_circuit_tracer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CrossLayerTranscoder:
-    """Read circuit-tracer's CLT layout back into a CrossLayerTranscoder acting on raw activations (scales = 1).
-
-    Folders written by export_circuit_tracer carry their config under `clt_lite`; other JumpReLU CLTs
-    in the same layout are read as full cross-layer JumpReLU models.
-    """
-    path = Path(path)
-    config_path = path / "config.yaml"
-    if not config_path.is_file():
-        raise ValueError(f"{config_path} not found; expected a folder in circuit-tracer's CLT layout")
-    meta = (yaml.safe_load(config_path.read_text()) or {}).get("clt_lite")
-    enc0 = _read_safetensors(path / "W_enc_0.safetensors", map_location)
-    if meta is None:
-        if "threshold_0" not in enc0:
-            raise ValueError(
-                f"{path} has no clt_lite metadata and no thresholds; only JumpReLU CLTs can be read without it"
-            )
-        n, d = enc0["W_enc_0"].shape
-        n_layers = len(list(path.glob("W_enc_*.safetensors")))
-        meta = dict(n_layers=n_layers, d_model=d, n_latents=n, k=min(32, n), activation="jumprelu")
-    config = CLTConfig.from_dict(meta)
-    with torch.device("meta"):
-        model = CrossLayerTranscoder(config)
-    # file tensor name -> our state_dict name, for the tensors this config needs
-    names = {"W_enc": "W_enc", "b_enc": "b_enc", "b_dec": "b_dec"}
-    if config.activation == "jumprelu":
-        names["threshold"] = "log_threshold"
-    if config.skip_connection:
-        names["W_skip"] = "W_skip"
-    per_layer: dict[str, list[Tensor]] = {name: [] for name in names}
-    state: dict[str, Tensor] = {"input_scale": torch.ones(config.n_layers), "target_scale": torch.ones(config.n_layers)}
-    for s in range(config.n_layers):
-        enc_path = path / f"W_enc_{s}.safetensors"
-        enc = enc0 if s == 0 else _read_safetensors(enc_path, map_location)
-        dec_path = path / f"W_dec_{s}.safetensors"
-        dec = _read_safetensors(dec_path, map_location)
-        for name, found in [(f"{n}_{s}", enc) for n in names] + [(f"W_dec_{s}", dec)]:
-            if name not in found:
-                raise ValueError(f"{enc_path if found is enc else dec_path} has no tensor {name}; re-export the CLT")
-        for name in names:
-            per_layer[name].append(enc[f"{name}_{s}"])
-        state[f"W_dec.{s}"] = dec[f"W_dec_{s}"][:, : config.n_targets(s)]
-    for name, ours in names.items():
-        state[ours] = torch.stack(per_layer[name])
-    if "log_threshold" in state:
-        state["log_threshold"] = state["log_threshold"].float().log()
-    _load_checked(model, state, path)
-    return model.to(map_location)

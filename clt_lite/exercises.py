@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .sites import capture, decoder_layers
+
 
 class Exercise(NamedTuple):
     notebook: str  # where it is posed
@@ -74,8 +76,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def capture_mlp_in(model: nn.Module, inputs: dict, layer: int) -> Tensor:
-    from .sites import decoder_layers
-
     seen = []
     handle = decoder_layers(model)[layer].mlp.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
     try:
@@ -124,8 +124,6 @@ def kl_divergence(original_logits: Tensor, replacement_logits: Tensor) -> Tensor
 
 
 def replace_one_layer(model: nn.Module, inputs: dict, layer: int, transcoder: Callable[[Tensor], Tensor]) -> Tensor:
-    from .sites import decoder_layers
-
     # A forward hook that returns a value replaces the module's output; the layers after it read the replacement.
     handle = decoder_layers(model)[layer].mlp.register_forward_hook(lambda _m, args, _out: transcoder(args[0]))
     try:
@@ -185,8 +183,6 @@ def check_rms_norm(fn: Callable) -> str:
 
 
 def check_capture_mlp_in(fn: Callable, model: nn.Module, inputs: dict, layer: int) -> str:
-    from .sites import capture, decoder_layers
-
     block = decoder_layers(model)[layer]
     hooks_before = len(block.mlp._forward_hooks) + len(block.mlp._forward_pre_hooks)
     answer = _run("capture_mlp_in", fn, model, inputs, layer)
@@ -303,8 +299,6 @@ def check_kl_divergence(fn: Callable) -> str:
 
 
 def check_replace_one_layer(fn: Callable, model: nn.Module, inputs: dict, layer: int) -> str:
-    from .sites import decoder_layers
-
     d = model.config.text_config.hidden_size
     transcoder = nn.Linear(d, d)
     with torch.no_grad():

@@ -7,34 +7,12 @@ from typing import NamedTuple
 
 import torch
 
+from .data import WorldConfig, check_image_tokens, sample_prompt
+from .devices import resolve_device, resolve_dtype  # also models.resolve_* for notebooks (00 uses them)
+from .toy import ASSET_DIR, build_processor
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when present, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOY_NAME = "tiny-llava-shapes"
 RANDOM_PRESETS = ("llava-1.5-7b", "tiny")
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA, float32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
-    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use --dtype float16 (or float32)")
-    return DTYPES[dtype]
 
 
 class LoadedModel(NamedTuple):
@@ -73,7 +51,6 @@ class LoadedModel(NamedTuple):
     def world(self):
         """ShapesWorld geometry at the vision tower's resolution and patch size, so rendered images need no
         resizing and a grid cell maps to the right patches (6x6 patches on the toy, 24x24 on LLaVA-1.5-7B)."""
-        from .data import WorldConfig
 
         vision = self.model.config.vision_config
         return WorldConfig(image_size=vision.image_size, patch_size=vision.patch_size)
@@ -144,8 +121,6 @@ def random_processor(config):
     The real SentencePiece vocabulary cannot be downloaded here; token ids of a random
     model mean nothing anyway. Shapes (image tokens, sequence lengths, vocabulary size) are the real ones.
     """
-    from .data import WorldConfig
-    from .toy import build_processor
 
     vision, text = config.vision_config, config.text_config
     special_ids = {"<unk>": 0, "<s>": text.bos_token_id or 1, "</s>": text.eos_token_id or 2,
@@ -205,7 +180,6 @@ def _resolve_source(name: str) -> str:
     """A folder path for local models; hub ids pass through unchanged."""
     from pathlib import Path
 
-    from .toy import ASSET_DIR
 
     if name == TOY_NAME:
         if not (ASSET_DIR / "config.json").exists():
@@ -225,7 +199,6 @@ def _resolve_source(name: str) -> str:
 @torch.no_grad()
 def generate_answers(loaded: LoadedModel, samples: list, max_new_tokens: int = 8, batch_size: int = 32) -> list[str]:
     """Greedy answers of the model to samples' prompts (left-padded batches)."""
-    from .data import check_image_tokens, sample_prompt
 
     model, processor = loaded.model, loaded.processor
     device = next(model.parameters()).device

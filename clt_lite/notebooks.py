@@ -56,8 +56,8 @@ def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure
                   in_place: bool = False, progress: bool = True) -> list[NotebookRun]:
     """Execute notebooks in order; stop at the first failure, naming notebook and cell.
 
-    Executed copies go to runs/<config name>/; figure_dir (relative to notebooks/) is
-    passed as a parameter so `make run` can write the committed figures/.
+    Executed copies go to runs/<config name>/, figures to runs/<config name>/figures/ unless
+    figure_dir (relative to notebooks/) says otherwise.
     in_place: execute with the notebooks' own defaults (the CPU config, which a test
     keeps equal to cpu.yaml) and overwrite them: how the committed outputs are made.
     progress: a line as each notebook starts and ends (its time and the figures it wrote) and a bar of
@@ -76,13 +76,16 @@ def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure
     else:
         parameters = load_config(config_path)
         parameters.setdefault("run_dir", f"../runs/{run_name}")
+        # Figures go beside the run, never over the committed figures/ (float noise moves pixels between machines);
+        # maintainers refresh those with `make figures`.
+        parameters.setdefault("figure_dir", f"../runs/{run_name}/figures")
         if figure_dir is not None:
             parameters["figure_dir"] = figure_dir
     out_dir = ROOT / "runs" / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     paths = notebook_paths(only)
-    figures = Path(parameters.get("figure_dir", "../runs/cpu/figures"))
+    figures = Path(parameters.get("figure_dir", "../runs/cpu/figures"))  # in place: the notebooks' own default
     figures = figures if figures.is_absolute() else (NOTEBOOK_DIR / figures).resolve()
     kernel_manager = _local_kernel_manager()
     for number, path in enumerate(paths, 1):

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .choices import Optimizer, check
+
 BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -55,8 +57,7 @@ RECIPES = {
 
 def recipe(name: str) -> Recipe:
     """The recipe called `name`; one-line ValueError naming the choices otherwise."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(RECIPES)}")
+    check("optimizer", name, Optimizer)
     return RECIPES[name]
 
 

@@ -22,7 +22,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-PARALLEL = ("ddp", "fsdp")  # TrainConfig.parallel: replicate, or shard parameters, gradients and optimizer states
+from .choices import Parallel, names
+from .clt import CrossLayerTranscoder
+from .devices import resolve_device
+
+PARALLEL = names(Parallel)  # TrainConfig.parallel: replicate, or shard parameters, gradients and optimizer states
 
 
 class Ranks(NamedTuple):
@@ -41,14 +45,10 @@ class Ranks(NamedTuple):
 def setup_ranks(device_name: str) -> tuple[Ranks, torch.device, bool]:
     """Join the torchrun process group when WORLD_SIZE > 1; returns (ranks, device, whether we created the group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if device_name not in ("auto", "cpu", "cuda") and not device_name.startswith("cuda:"):
-        raise ValueError(f"unknown device {device_name!r}; use auto, cpu, cuda or cuda:N")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device {device_name!r} asked for but no CUDA GPU is visible; use device='cpu'")
+    device = resolve_device(device_name)
+    use_cuda = device.type == "cuda"
     if world == 1:
-        name = device_name if device_name != "auto" else ("cuda" if use_cuda else "cpu")
-        return Ranks(0, 1), torch.device(name), False
+        return Ranks(0, 1), device, False
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -112,8 +112,6 @@ def full_model(clt: nn.Module, ranks: Ranks) -> nn.Module | None:
     state = full_state(clt.state_dict(), ranks)
     if ranks.rank != 0:
         return None
-    from .clt import CrossLayerTranscoder
-
     with torch.device("meta"):
         full = CrossLayerTranscoder(clt.config)
     full.load_state_dict(state, assign=True)

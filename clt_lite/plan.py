@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .clt import CLTConfig
+from .models import random_config
 from .optim import RECIPES, grad_bytes, recipe, state_bytes, step_bytes
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
@@ -55,7 +56,6 @@ def model_dims(name_or_path: str) -> ModelDims:
     if name_or_path in MODEL_PRESETS:
         return MODEL_PRESETS[name_or_path]
     if name_or_path.startswith("random:"):
-        from .models import random_config
 
         text = random_config(name_or_path).text_config
         return ModelDims(text.num_hidden_layers, text.hidden_size, name_or_path)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data, sites
+from .choices import Loop, ReplacementKind, check
 from .clt import CrossLayerTranscoder
-
-LOOPS = ("closed", "open")
+from .models import generate_answers
 
 
 @dataclass
@@ -63,14 +63,12 @@ class Replacement:
     def __init__(self, kind: str, clt: CrossLayerTranscoder | None = None, loop: str = "closed",
                  means: torch.Tensor | None = None, layers: Sequence[int] | None = None, name: str | None = None,
                  exact: bool = False):
-        if kind not in ("clt", "zero", "mean"):
-            raise ValueError(f"unknown replacement {kind!r}; use clt, zero or mean")
+        check("replacement", kind, ReplacementKind)
         if kind == "clt" and clt is None:
             raise ValueError("a clt replacement needs a trained CLT")
         if kind == "mean" and means is None:
             raise ValueError("mean ablation needs the mean MLP output per layer (mlp_out_means)")
-        if loop not in LOOPS:
-            raise ValueError(f"unknown loop {loop!r}; use closed or open")
+        check("loop", loop, Loop)
         if exact and kind != "clt":
             raise ValueError("exact error add-back applies to a clt replacement only")
         self.kind, self.clt, self.loop, self.means, self.layers, self.exact = kind, clt, loop, means, layers, exact
@@ -188,7 +186,6 @@ def token_match(loaded, replacement: Replacement, samples: list[data.Sample], ba
                 generate: bool = True, max_new_tokens: int = 6) -> TokenMatch:
     """Score a replacement against the original model over samples (one teacher-forced pass each,
     plus greedy generation when `generate`)."""
-    from .models import generate_answers
 
     model, processor = loaded.model, loaded.processor
     if not samples:

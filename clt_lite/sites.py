@@ -20,7 +20,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .choices import InputSite, names
+
 SITES = ("resid_mid", "mlp_in", "mlp_out")
+INPUT_SITES = names(InputSite)  # sites a CLT may read; the target is always mlp_out
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -19,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .files import atomic_write, write_json
+from .devices import resolve_device
+from .files import latest_version, write_json, write_version
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny-llava-shapes"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")  # ids 0..4, in this order
@@ -169,8 +172,6 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     """
     from safetensors.torch import load_file, save_file
 
-    from .models import resolve_device
-
     out = Path(out)
     device = resolve_device(device)
     processor = build_processor()
@@ -179,10 +180,10 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     cell_head = torch.nn.Linear(config.d_model, 1 + len(data.SHAPES) * len(data.COLOURS)).to(device)
     parameters = list(model.parameters()) + list(cell_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    checkpoint = out / "checkpoint"
+    checkpoints = out / "checkpoint"
     curve: list[dict] = []
     step = 0
-    if (checkpoint / "model.safetensors").exists():
+    if checkpoint := latest_version(checkpoints):
         state = json.loads((checkpoint / "state.json").read_text())
         if state["config"] != asdict(config):
             raise ValueError(f"{checkpoint} was made with another ToyConfig; use a new --out or delete it")
@@ -225,7 +226,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
             accuracy = evaluate(model, processor, validation)
             curve.append({"step": step, "loss": round(loss.item(), 4), "minutes": round((time.time() - start_time) / 60, 2), **accuracy})
             bar.write(json.dumps(curve[-1]))
-            _save_checkpoint(model, cell_head, optimizer, checkpoint, {"step": step, "config": asdict(config), "curve": curve}, save_file)
+            _save_checkpoint(model, cell_head, optimizer, checkpoints, {"step": step, "config": asdict(config), "curve": curve}, save_file)
             if min(v for k, v in accuracy.items() if k != "all") >= config.target_accuracy:
                 break
     bar.close()
@@ -283,15 +284,15 @@ def _curriculum(samples: list[data.Sample], config: ToyConfig, step: int) -> lis
             for s in samples]
 
 
-def _save_checkpoint(model, cell_head, optimizer, folder: Path, state: dict, save_file) -> None:
-    """Write each checkpoint file atomically, state.json last (a kill leaves the previous step's state pointing at
-    files that are each complete; resume reads the step from state.json)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, module in (("model", model), ("cell_head", cell_head)):
-        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        atomic_write(folder / f"{name}.safetensors", lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
-    atomic_write(folder / "optimizer.pt", lambda tmp: torch.save(optimizer.state_dict(), tmp))
-    write_json(folder / "state.json", state, indent=None)
+def _save_checkpoint(model, cell_head, optimizer, root: Path, state: dict, save_file) -> None:
+    """root/step-N with the model, the auxiliary head, the optimizer and state.json, made current in one rename."""
+    def write(folder: Path) -> None:
+        for name, module in (("model", model), ("cell_head", cell_head)):
+            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(folder / f"{name}.safetensors"))
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        (folder / "state.json").write_text(json.dumps(state))
+
+    write_version(root, f"step-{state['step']:08d}", write, step=state["step"])
 
 
 @contextmanager
@@ -319,9 +320,13 @@ def cell_labels(samples: list[data.Sample], world: data.WorldConfig = data.World
 def save_toy(model, processor, out: str | Path, config: ToyConfig, curve: list[dict]) -> None:
     """Save in float16 (what ships), with the training record next to it."""
     out = Path(out)
-    model.to("cpu", torch.float16).save_pretrained(out)
-    model.to(torch.float32)
-    processor.save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as staging:  # every file written before any is swapped in
+        model.to("cpu", torch.float16).save_pretrained(staging)
+        model.to(torch.float32)
+        processor.save_pretrained(staging)
+        for written in Path(staging).iterdir():
+            os.replace(written, out / written.name)  # each file is the old one or the new one, never half
     write_json(out / "training.json", {"config": asdict(config), "curve": curve})
 
 

@@ -24,13 +24,11 @@ import gc
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -39,29 +37,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import optim, parallel, plan
+from .choices import Optimizer, Parallel, check
 from .clt import CLTConfig, CrossLayerTranscoder, _read_safetensors
-from .files import write_json
-
-
-class ActivationBatch(NamedTuple):
-    """One batch of tokens from an activation source, already normalised, BOS/padding excluded, float32."""
-
-    inputs: Tensor  # [B, L, d] input-site activations (resid_mid or mlp_in) * input_scale
-    targets: Tensor  # [B, L, d] MLP outputs * target_scale
-
-
-class ActivationSource(Protocol):
-    """What train() needs from a source of activations (the store and streaming sources implement it)."""
-
-    n_layers: int
-    d_model: int
-    input_site: str  # the site the inputs come from ("resid_mid" or "mlp_in"); must match the CLT config
-    input_scale: Tensor  # [L] normalised = raw * scale
-    target_scale: Tensor  # [L]
-
-    def batches(self, batch_size: int, split: str = "train", seed: int = 0) -> Iterator[ActivationBatch]:
-        """Endless (repeating) for split='train', one finite pass for split='val'; same seed, same order."""
-        ...
+from .files import latest_version, write_version
+from .sources import ActivationBatch, ActivationSource  # noqa: F401  (train.ActivationBatch: the trainer's input type)
 
 
 class TrainingDiverged(ValueError):
@@ -75,7 +54,7 @@ class TrainConfig:
     tokens: int = 2**20  # total training tokens; steps = tokens // batch_size
     batch_size: int = 1024  # tokens per optimizer step, summed over all data-parallel ranks
     lr: float | None = None  # peak lr; None -> the recipe's default / sqrt(n_latents / 2**14) (optim.default_lr)
-    optimizer: str = "adam"  # recipe in clt_lite.optim.RECIPES: "adam" (fp32), "adam-bf16" or "adafactor" (low-memory)
+    optimizer: Optimizer = "adam"  # recipe in clt_lite.optim.RECIPES: "adam" (fp32), "adam-bf16" or "adafactor" (low-memory)
     adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam (beta1, beta2)
     warmup_steps: int = 100  # linear lr warm-up from 0 over this many steps
     final_lr_fraction: float = 0.0  # lr decays linearly after warm-up to this fraction of the peak at the last step
@@ -88,7 +67,7 @@ class TrainConfig:
     val_batches: int | None = 16  # batches of the val split evaluated at the end; None = the whole split
     seed: int = 0  # model init and batch order
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda" or "cuda:N"
-    parallel: str = "ddp"  # under torchrun only: "ddp" replicates the CLT, "fsdp" shards it (FSDP2; adam recipes)
+    parallel: Parallel = "ddp"  # under torchrun only: "ddp" replicates the CLT, "fsdp" shards it (FSDP2; adam recipes)
 
     def __post_init__(self) -> None:
         if self.tokens < self.batch_size or self.batch_size < 1:
@@ -96,8 +75,7 @@ class TrainConfig:
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
         optim.recipe(self.optimizer)
-        if self.parallel not in parallel.PARALLEL:
-            raise ValueError(f"unknown parallel {self.parallel!r}; use one of {', '.join(parallel.PARALLEL)}")
+        check("parallel", self.parallel, Parallel)
         if self.parallel == "fsdp" and optim.recipe(self.optimizer).kind != "adam":
             raise ValueError(f"optimizer {self.optimizer!r} does not run sharded (torch's Adafactor fails on FSDP's "
                              "DTensor parameters); use parallel='ddp' or an adam recipe")
@@ -240,7 +218,6 @@ def _device_memory(device: torch.device) -> tuple[float, str]:
 
 # --------------------------------------------------------------------------------- checkpoints
 CHECKPOINTS = "checkpoints"
-LATEST = "latest.json"
 
 
 def _config_dicts(clt_config: CLTConfig, train_config: TrainConfig) -> dict:
@@ -250,32 +227,19 @@ def _config_dicts(clt_config: CLTConfig, train_config: TrainConfig) -> dict:
 
 def _save_checkpoint(out_dir: Path, step: int, clt: CrossLayerTranscoder, opt_state: dict, since_fired: Tensor,
                      state: dict) -> Path:
-    """Write checkpoints/step-N in a temp folder, rename it into place, point latest.json at it, drop older ones."""
-    root = out_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    clt.save(tmp)
-    torch.save(opt_state, tmp / "optimizer.pt")
-    trainer = {"since_fired": since_fired.cpu().contiguous(), "cpu_rng": torch.get_rng_state()}
-    save_file(trainer, str(tmp / "trainer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_json(root / LATEST, {"step": step, "dir": final.name}, indent=None)
-    for old in root.glob("step-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    """checkpoints/step-N, written whole and then made current by one rename (files.write_version)."""
+    def write(folder: Path) -> None:
+        clt.save(folder)
+        torch.save(opt_state, folder / "optimizer.pt")
+        save_file({"since_fired": since_fired.cpu().contiguous(), "cpu_rng": torch.get_rng_state()}, str(folder / "trainer.safetensors"))
+        (folder / "state.json").write_text(json.dumps(state))
+
+    return write_version(out_dir / CHECKPOINTS, f"step-{step:08d}", write, step=step)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The folder of the newest complete checkpoint in out_dir, or None."""
-    pointer = Path(out_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    return pointer.parent / json.loads(pointer.read_text())["dir"]
+    return latest_version(Path(out_dir) / CHECKPOINTS)
 
 
 def _check_resume(ckpt: Path, saved: dict, current: dict) -> None:

@@ -7,13 +7,16 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
+from .files import atomic_write
+from .store import KINDS
+
 
 def save_figure(fig, figure_dir: str | Path, name: str) -> Path:
     """Save as PNG under figure_dir (created if needed); returns the path."""
     folder = Path(figure_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None}))
     return path
 
 
@@ -75,7 +78,6 @@ def plot_by_layer(series: dict[str, list[float]], ylabel: str, title: str, xlabe
 
 def store_site_norms(store, max_rows: int = 20000) -> dict[str, dict[str, torch.Tensor]]:
     """Like site_norms, from an activation store's first rows, split by the kind of position."""
-    from .store import KINDS
 
     rows = min(max_rows, store.n_tokens)
     kinds = torch.from_numpy(store.metadata.kind[:rows].astype("int64"))

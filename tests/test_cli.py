@@ -26,7 +26,7 @@ def test_capture_train_evaluate_end_to_end(tmp_path, capsys):
                  "--prompt", "What color is the circle?", "--out", str(tmp_path / "graph.json"), "--device", "cpu")
     assert graph["nodes"] > 36 and json.loads((tmp_path / "graph.json").read_text())["links"]
     truth = _run(capsys, "attribute", "--model", "random:tiny", "--clt", str(clt), "--ground-truth", "6", "--device", "cpu")
-    assert 0 <= truth["graph_hit_rate"] <= 1 and truth["n"] > 0
+    assert truth["n"] == 6 and abs(truth["graph_hit_rate"] * 6 - round(truth["graph_hit_rate"] * 6)) < 1e-9  # a count of 6
 
 
 def test_plan_prints_the_llava_7b_numbers(capsys):

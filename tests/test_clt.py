@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clt_lite.clt import CLTConfig, CrossLayerTranscoder, load_circuit_tracer
+from clt_lite import circuit_tracer
+from clt_lite.clt import CLTConfig, CrossLayerTranscoder
 
 torch.set_num_threads(1)
 
@@ -220,7 +221,7 @@ def test_circuit_tracer_export_round_trip_on_raw_activations(tmp_path, overrides
             clt.W_skip.normal_(std=0.1)
     s_in, s_out = torch.tensor([2.0, 1.0, 0.5, 4.0]), torch.tensor([0.5, 1.0, 2.0, 3.0])
     clt.set_scales(s_in, s_out)
-    clt.export_circuit_tracer(tmp_path)
+    circuit_tracer.export(clt, tmp_path)
 
     enc1 = load_file(tmp_path / "W_enc_1.safetensors")
     torch.testing.assert_close(enc1["W_enc_1"], clt.W_enc[1].detach() * 1.0)
@@ -234,13 +235,25 @@ def test_circuit_tracer_export_round_trip_on_raw_activations(tmp_path, overrides
     assert "feature_input_hook: hook_resid_mid" in (tmp_path / "config.yaml").read_text()
 
     raw = x / s_in[:, None] * 1.3
-    reloaded = load_circuit_tracer(tmp_path)
+    reloaded = circuit_tracer.load(tmp_path)
     assert reloaded.input_scale.tolist() == [1.0] * L
     torch.testing.assert_close(reloaded.reconstruct_raw(raw), clt.reconstruct_raw(raw), rtol=1e-4, atol=1e-4)
 
 
 def test_load_circuit_tracer_reports_missing_tensor(tmp_path):
-    make().export_circuit_tracer(tmp_path)
+    circuit_tracer.export(make(), tmp_path)
     (tmp_path / "W_dec_2.safetensors").unlink()
     with pytest.raises(ValueError, match="W_dec_2.safetensors not found"):
-        load_circuit_tracer(tmp_path)
+        circuit_tracer.load(tmp_path)
+
+
+def test_circuit_tracer_export_names_the_hook_each_input_site_is_read_at(tmp_path):
+    """mlp_in is the MLP's input after the norm's weight: circuit-tracer's `mlp.hook_in` (not TransformerLens's
+    `ln2.hook_normalized`, which is taken before the weight)."""
+    import yaml
+
+    for site, hook in (("mlp_in", "mlp.hook_in"), ("resid_mid", "hook_resid_mid")):
+        clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=8, expansion_factor=1, k=2, input_site=site))
+        circuit_tracer.export(clt, tmp_path / site)
+        config = yaml.safe_load((tmp_path / site / "config.yaml").read_text())
+        assert (config["feature_input_hook"], config["feature_output_hook"]) == (hook, "hook_mlp_out")

@@ -146,3 +146,44 @@ def test_without_solutions_a_notebook_stops_at_its_first_exercise(tmp_path):
                                    parameters={"solutions": False, "run_dir": str(tmp_path)}, cwd=str(ROOT / "notebooks"),
                                    kernel_name="python3", progress_bar=False)
     assert error.value.ename == "ExerciseFailed" and "capture_mlp_in: not written yet" in error.value.evalue
+
+
+def test_make_run_reports_each_notebook_and_writes_figures_under_runs(monkeypatch, capsys):
+    """`make run` (the CPU config, no --figures) talks as it goes and never writes over the committed figures/."""
+    import papermill
+
+    calls = []
+    monkeypatch.setattr(papermill, "inspect_notebook", lambda path: {"figure_dir": None, "run_dir": None, "seed": None})
+    monkeypatch.setattr(papermill, "execute_notebook", lambda path, output, parameters, **kw: calls.append((parameters, kw)))
+    assert cli.main(["notebooks", "--config", "configs/cpu.yaml", "--only", "00", "01"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] 00_setup.ipynb ..." in printed and "[2/2] 01_hooking_llava.ipynb:" in printed
+    assert "all" in printed.splitlines()[-1]
+    for parameters, options in calls:
+        figure_dir = (ROOT / "notebooks" / parameters["figure_dir"]).resolve()
+        assert figure_dir.is_relative_to(ROOT / "runs") and options["progress_bar"] is True
+    assert "--figures" not in (ROOT / "Makefile").read_text().split("\nrun:", 1)[1].split("\n\n", 1)[0]
+
+
+def test_a_failing_notebook_is_named_with_its_cell_in_one_line(monkeypatch, capsys):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    def fail(path, output, **kw):
+        raise PapermillExecutionError(cell_index=3, exec_count=4, source="x", ename="ValueError", evalue="bad k", traceback=[])
+
+    monkeypatch.setattr(papermill, "inspect_notebook", lambda path: {})
+    monkeypatch.setattr(papermill, "execute_notebook", fail)
+    assert cli.main(["notebooks", "--config", "configs/cpu.yaml", "--only", "03"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "03_training_the_clt.ipynb failed in cell 4: ValueError: bad k" in error
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_name_the_installed_kernel_so_opening_one_does_not_modify_it(path):
+    """JupyterLab marks a notebook modified when its kernelspec differs from the installed kernel's (make setup's)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    installed = KernelSpecManager().get_kernel_spec("python3")
+    assert json.loads(path.read_text())["metadata"]["kernelspec"] == {
+        "display_name": installed.display_name, "language": installed.language, "name": "python3"}

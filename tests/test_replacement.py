@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clt_lite import data, sites
+from clt_lite import data, models, sites
 from clt_lite import replacement as R
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
 from clt_lite.store import StreamingSource
@@ -59,7 +59,11 @@ def test_open_loop_fvu_is_the_stores_fvu_and_closed_loop_compounds(tiny, trained
 
 def test_generation_metrics_are_computed(tiny, trained, samples):
     match = R.token_match(tiny, R.Replacement("clt", trained), samples[:4])
-    assert 0 <= match.generated_token_agreement <= 1 and 0 <= match.generated_exact_match <= 1
+    original = models.generate_answers(tiny, samples[:4])
+    with R.replaced(tiny.model, R.Replacement("clt", trained)):
+        replaced = models.generate_answers(tiny, samples[:4])
+    assert match.generated_exact_match == sum(a == b for a, b in zip(original, replaced)) / 4
+    assert match.generated_exact_match <= match.generated_token_agreement <= 1
     assert set(match.accuracy_original) >= {"all"}
 
 
@@ -100,7 +104,8 @@ def test_hooks_are_gone_after_replacement(tiny, trained, samples):
             tiny.model(**batch.model_inputs(tiny.model))
         after = tiny.model(**batch.model_inputs(tiny.model)).logits
     assert torch.equal(before, after)
-    assert len(sites.decoder_layers(tiny.model)) == tiny.n_layers
+    modules = [m for layer in sites.decoder_layers(tiny.model) for m in layer.modules()]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)  # every patch hook was removed
 
 
 def _row(name: str, **metrics) -> R.TokenMatch:

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from clt_lite import cli, data, models, toy
+from clt_lite.files import latest_version
 
 BAR = 0.95  # held-out exact-match accuracy required on every question family
 
@@ -64,7 +65,8 @@ def test_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         toy.train(config, tmp_path / "killed", device="cpu", progress=False)
     monkeypatch.setattr(toy, "_save_checkpoint", real_save)
-    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"] == 2
+    checkpoint = latest_version(tmp_path / "killed" / "checkpoint")
+    assert checkpoint.name == "step-00000002" and json.loads((checkpoint / "state.json").read_text())["step"] == 2
     toy.train(config, tmp_path / "killed", device="cpu", progress=False)
 
     straight = load_file(tmp_path / "straight" / "model.safetensors")

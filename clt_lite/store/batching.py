@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..train import ActivationBatch
+from ..sources import ActivationBatch
 
 
 def _scale(mean_sq_norm: Sequence[float], d_model: int) -> Tensor:

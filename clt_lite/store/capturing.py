@@ -17,6 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..choices import DType, check
 from ..data import Sample, encode_batch, sample_prompt
 from ..files import write_bytes, write_json
 from ..models import LoadedModel
@@ -41,7 +42,7 @@ class CaptureConfig:
     layers: tuple[int, ...] | None = None  # decoder layers to record (sorted); None = all
     input_sites: tuple[str, ...] = ("mlp_in",)  # CLT input site(s) stored next to mlp_out: mlp_in (default) and/or resid_mid
     kinds: tuple[str, ...] = KINDS  # position kinds kept; padding never; BOS kept (flagged) whenever "text" is
-    dtype: str = "float16"  # on-disk dtype: float16, bfloat16 or float32
+    dtype: DType = "float16"  # on-disk dtype: float16, bfloat16 or float32
     batch_size: int = 8  # samples per forward pass (batches start at each shard's first sample)
     samples_per_shard: int | None = None  # samples per shard file; None = as many as fit in about shard_mb
     shard_mb: float = 256.0  # target shard size when samples_per_shard is None
@@ -56,8 +57,7 @@ class CaptureConfig:
         if not self.kinds or set(self.kinds) - set(KINDS):
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
         object.__setattr__(self, "kinds", tuple(k for k in KINDS if k in self.kinds))  # canonical order
-        if self.dtype not in STORE_DTYPES:
-            raise ValueError(f"unknown store dtype {self.dtype!r}; use {', '.join(STORE_DTYPES)}")
+        check("store dtype", self.dtype, DType)
         if self.batch_size < 1 or (self.samples_per_shard or 1) < 1 or self.shard_mb <= 0:
             raise ValueError("batch_size, samples_per_shard and shard_mb must be positive")
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..train import ActivationBatch
+from ..sources import ActivationBatch
 from .batching import _check_split, _default_buffer, _scale, _shuffled_batches, _val_samples
 from .schema import FORMAT, KINDS, MANIFEST, META_FIELDS, TARGET_SITE
 

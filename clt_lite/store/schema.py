@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from ..devices import DTYPES
+from ..sites import INPUT_SITES  # noqa: F401  (re-exported: the store's vocabulary)
 
 KINDS = ("image", "text", "answer")  # position kinds; the `kind` array stores their index
-INPUT_SITES = ("resid_mid", "mlp_in")  # sites a CLT may read; the target is always mlp_out
 TARGET_SITE = "mlp_out"
-STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORE_DTYPES = DTYPES  # every dtype the package knows can be stored
 MANIFEST = "manifest.json"
 FORMAT = "clt-lite-activations/1"
 META_FIELDS = ("token_id", "position", "sample", "kind", "bos")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..data import Sample
 from ..models import LoadedModel
-from ..train import ActivationBatch
+from ..sources import ActivationBatch
 from .batching import _batched, _check_split, _default_buffer, _hash, _scale, _shuffled_batches, _val_samples
 from .capturing import CaptureConfig
 from .forward import TokenChunk, forward_tokens
