@@ -8,7 +8,7 @@ CONFIG ?= configs/cpu.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run lab test smoke gpu-check figures clean
+.PHONY: setup run lab test test-ui smoke gpu-check figures clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,14 @@ test: setup
 	$(PY) -m ruff check clt_lite tests benchmarks notebooks
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout 1800
+
+# JupyterLab in a real browser: Playwright drives Debian's chromium (installed here when missing; Playwright's own
+# browser download cannot work offline). Every notebook is run with Run All Cells on a copy, screenshots go to
+# runs/ui/. UI_ONLY="00 06" runs a subset (CI's shorter path).
+test-ui: setup
+	command -v chromium > /dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(PY) -m pip install -q "playwright>=1.40"
+	$(PY) tests/ui_lab.py $(UI_ONLY)
 
 # LLaVA-1.5-7B's real widths in bfloat16 (2 layers, random weights) through notebooks 01-05 on the CPU (~7 min).
 smoke: setup

@@ -29,10 +29,12 @@ def _cmd_toy(args) -> dict:
 
     if args.action == "train":
         overrides = {"steps": args.steps, "n_layers": args.layers}
-        config = toy.ToyConfig(**{field: value for field, value in overrides.items() if value})
+        config = toy.ToyConfig(**{field: value for field, value in overrides.items() if value is not None})
         result = toy.train(config, args.out, device=args.device, progress=not args.json)
         print(f"toy saved to {args.out} after {result['steps']} steps")
         return {"out": str(args.out), **result}
+    if args.per_family < 1:
+        raise ValueError(f"--per-family {args.per_family}: evaluate at least 1 question per family")
     loaded = models.load(args.model, device=args.device)
     accuracy = toy.evaluate(loaded.model, loaded.processor, toy.eval_set(args.per_family))
     for family, value in accuracy.items():

@@ -65,6 +65,15 @@ class ToyConfig:
     eval_per_family: int = 100  # validation questions per family at each evaluation
     target_accuracy: float = 0.96  # stop early once every family reaches this on validation
 
+    def __post_init__(self) -> None:
+        positive = ("n_layers", "d_model", "n_heads", "d_mlp", "vision_width", "vision_layers", "steps", "batch_size",
+                    "eval_every", "eval_per_family")
+        bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if bad:
+            raise ValueError(f"ToyConfig needs positive sizes and counts; got {', '.join(bad)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
+
 
 def build_processor(world: data.WorldConfig = data.WorldConfig(), special_ids: dict[str, int] | None = None,
                     vocab_size: int | None = None, model_max_length: int = 256):

@@ -22,8 +22,9 @@ class FeatureExplorer:
         first = feature_choices[0] if feature_choices else (0, 0)
         self.layer = w.BoundedIntText(value=first[0], min=0, max=n_layers - 1, description="layer")
         self.feature = w.BoundedIntText(value=first[1], min=0, max=n_latents - 1, description="feature")
-        self.picker = w.Dropdown(options=[("choose a graph feature", None)] + [(f"L{l} #{f}", (l, f)) for l, f in feature_choices or []],
-                                 description="from graph")
+        # The graph's first feature starts selected (an empty first option would show a blank drop-down).
+        options = [(f"L{l} #{f}", (l, f)) for l, f in feature_choices or []] or [("no graph features given", None)]
+        self.picker = w.Dropdown(options=options, value=options[0][1], description="from graph")
         self.scale = w.FloatSlider(value=1.0, min=-2.0, max=6.0, step=0.5, description="steer x", continuous_update=False)
         self.summary, self.answer = w.HTML(), w.HTML()
         self.plots = w.Output()

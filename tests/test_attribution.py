@@ -275,3 +275,23 @@ def test_flip_rate_counts_prompts_within_a_feature_budget():
     flips = A.FlipRate(rate=1 / 3, n=3, first_flips=[1, None, 5])
     assert [flips.count_within(n) for n in (1, 4, 5, 32)] == [1, 1, 2, 2]
     assert flips.within(5) == 2 / 3
+
+
+def test_interventions_report_how_far_the_answer_moved(tiny, clt, samples, graph):
+    layer, position, latent = A.ranked_features(graph)[0]
+    same = A.intervene(tiny, clt, samples[0], layer, position, latent, 1.0)
+    assert abs(same.logit_change) < 1e-4 and same.prob_after == pytest.approx(same.prob_before, abs=1e-5)
+    assert same.prob_before == pytest.approx(float(_real_logits(tiny, samples[0])[-1].softmax(-1).max()), abs=1e-5)
+    boosted = A.intervene(tiny, clt, samples[0], layer, position, latent, 20.0)
+    assert same.activation > 0 and abs(boosted.logit_change) > 1e-3  # an active feature x20 moves the answer's logit
+
+
+def test_ablation_effects_compare_the_graph_with_random_features(tiny, clt, samples):
+    one, two = A.ablation_effects(tiny, clt, samples[:2], ks=(1, 2), max_n_logits=2)
+    assert (one.k, two.k) == (1, 2) and len(two.graph) == len(two.random) == len(two.largest) == 2
+    top = A.ranked_features(A.attribute(tiny, clt, samples[0], max_n_logits=2))[:2]
+    assert two.graph[0] == pytest.approx(A.intervene_many(tiny, clt, samples[0], top, 0.0).logit_change, abs=1e-6)
+    assert one.graph[0] == pytest.approx(A.intervene_many(tiny, clt, samples[0], top[:1], 0.0).logit_change, abs=1e-6)
+    assert two.ratio == pytest.approx(two.mean_abs("graph") / two.mean_abs("random"))
+    with pytest.raises(ValueError, match="k >= 1"):
+        A.ablation_effects(tiny, clt, samples[:1], ks=(0,))

@@ -51,6 +51,10 @@ def test_plan_says_the_full_7b_clt_fits_one_h200_with_the_low_memory_recipe(caps
     (["plan", "--model", "llava-1.5-7b", "--optimizer", "lion"], "unknown optimizer 'lion'; use one of adam, adam-bf16, adafactor"),
     (["capture", "--model", "random:tiny", "--data", "shapes:0", "--out", "/tmp/x"], "use shapes:N"),
     (["evaluate", "--model", "random:tiny", "--clt", "/no/such/clt"], "not found"),
+    (["toy", "train", "--out", "/tmp/never-written", "--steps", "0"], "ToyConfig needs positive sizes and counts; got steps=0"),
+    (["toy", "train", "--out", "/tmp/never-written", "--steps", "-5"], "steps=-5"),
+    (["toy", "train", "--out", "/tmp/never-written", "--layers", "0"], "n_layers=0"),
+    (["toy", "eval", "--per-family", "0"], "--per-family 0"),
 ])
 def test_bad_input_is_one_line_and_non_zero(argv, message, capsys):
     assert cli.main(argv) == 2

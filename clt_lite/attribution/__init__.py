@@ -38,6 +38,17 @@ model), `graph` (AttributionGraph, attribute), `pruning` (influence, prune, scor
 from .export import export_json, to_circuit_tracer_json
 from .graph import AttributionGraph, attribute
 from .ground_truth import SINGLE_OBJECT_FAMILIES, FamilyHits, GroundTruth, answer_token, gradient_x_input, ground_truth_hit_rate, ground_truth_samples
-from .interventions import AblationCurve, FlipRate, Intervention, ablation_curve, ablation_flip_rate, intervene, intervene_many, ranked_features
+from .interventions import (
+    AblationCurve,
+    AblationEffects,
+    FlipRate,
+    Intervention,
+    ablation_curve,
+    ablation_effects,
+    ablation_flip_rate,
+    intervene,
+    intervene_many,
+    ranked_features,
+)
 from .local import Frozen, FrozenRun, LocalReplacement, Recorded, record
 from .pruning import GraphScores, Pruned, feature_influence, graph_scores, influence, normalize_rows, patch_influence, prune

@@ -18,11 +18,15 @@ from .pruning import feature_influence
 
 
 class Intervention(NamedTuple):
-    """Teacher-forced top token at the answer position before and after an intervention."""
+    """Teacher-forced top token at the answer position before and after an intervention, and by how much the
+    original top token's logit and probability moved."""
 
     before: str  # the original model's top token
     after: str  # with the feature's activation scaled
     activation: float  # the feature's activation in the original pass (0: inactive, no effect)
+    logit_change: float = 0.0  # the original top token's logit after minus before
+    prob_before: float = 0.0  # its probability in the original model
+    prob_after: float = 0.0  # and with the intervention
 
 
 def intervene(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample, layer: int, position: int,
@@ -73,9 +77,12 @@ def _intervene_recorded(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: 
     model = loaded.model
     encoded = _encode_sample(loaded, sample)
     with torch.no_grad(), sites.patch_mlp_out(model, patch, layers=sorted(delta)):
-        after = int(model(**encoded.model_inputs(model)).logits[0, -1].argmax())
+        logits = model(**encoded.model_inputs(model)).logits[0, -1].float()
+    original = rec.logits[-1].float().to(logits.device)
+    top = int(original.argmax())
     decode = loaded.processor.tokenizer.decode
-    return Intervention(decode([int(rec.logits[-1].argmax())]).strip(), decode([after]).strip(), total)
+    return Intervention(decode([top]).strip(), decode([int(logits.argmax())]).strip(), total,
+                        float(logits[top] - original[top]), float(original.softmax(-1)[top]), float(logits.softmax(-1)[top]))
 
 
 def ranked_features(graph: AttributionGraph, logit: int = 0) -> list[tuple[int, int, int]]:
@@ -136,3 +143,57 @@ def ablation_flip_rate(loaded: LoadedModel, clt: CrossLayerTranscoder, samples: 
         graph = attribute(loaded, clt, sample, **attribute_kwargs)
         first_flips.append(ablation_curve(loaded, clt, sample, graph, max_features).first_flip if graph.n_features else None)
     return FlipRate(sum(f == 1 for f in first_flips) / len(samples), len(samples), first_flips)
+
+
+class AblationEffects(NamedTuple):
+    """Change of the answer's logit when k features are ablated together, chosen three ways, per sample."""
+
+    k: int  # features ablated together
+    graph: list[float]  # the graph's k most influential features
+    random: list[float]  # k random active features at the same positions as the graph's (the baseline)
+    largest: list[float]  # the k active features of largest activation
+    leads: list[float]  # the answer's logit minus the runner-up's in the original model: how far it must fall to flip
+
+    def mean_abs(self, which: str) -> float:
+        values = getattr(self, which)
+        return sum(abs(v) for v in values) / len(values)
+
+    @property
+    def ratio(self) -> float:
+        """How many times more the graph's top features move the answer logit than random ones do."""
+        return self.mean_abs("graph") / max(self.mean_abs("random"), 1e-12)
+
+
+def ablation_effects(loaded: LoadedModel, clt: CrossLayerTranscoder, samples: Sequence[data.Sample],
+                     ks: Sequence[int] = (1, 4, 16), seed: int = 0, **attribute_kwargs) -> list[AblationEffects]:
+    """For each k in ks, ablate (scale 0) k features of each sample's graph in the real model and record the answer
+    logit's change: the graph's top k by influence, k random active features at the same positions, and the k most
+    active. One graph per sample serves every k.
+
+    If influence means something causal, the graph's choice moves the answer far more than random features do.
+    """
+    if not ks or min(ks) < 1 or not samples:
+        raise ValueError(f"ablation_effects needs every k >= 1 and at least one sample (got ks={tuple(ks)}, {len(samples)} samples)")
+    generator = torch.Generator().manual_seed(seed)
+    effects = {k: {"graph": [], "random": [], "largest": []} for k in ks}
+    leads = []
+    for sample in samples:
+        graph = attribute(loaded, clt, sample, **attribute_kwargs)
+        if graph.n_features < 2 * max(ks):
+            raise ValueError(f"the graph of {sample.question!r} has {graph.n_features} features; k={max(ks)} needs {2 * max(ks)}")
+        ranked, features = ranked_features(graph), [tuple(f) for f in graph.features.tolist()]
+        by_activation = graph.activations.argsort(descending=True).tolist()
+        rec = record(loaded, clt, sample)
+        first, second = rec.logits[-1].float().topk(2).values.tolist()
+        leads.append(first - second)
+        for k in ks:
+            top = ranked[:k]
+            chosen, random = set(top), []
+            for _, position, _ in top:  # a random other active feature at each top feature's position (any, if none left)
+                pool = [f for f in features if f[1] == position and f not in chosen] or [f for f in features if f not in chosen]
+                random.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+                chosen.add(random[-1])
+            largest = [features[i] for i in by_activation[:k]]
+            for name, picked in (("graph", top), ("random", random), ("largest", largest)):
+                effects[k][name].append(_intervene_recorded(loaded, clt, sample, rec, picked, 0.0).logit_change)
+    return [AblationEffects(k, **effects[k], leads=leads) for k in ks]
