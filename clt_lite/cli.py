@@ -59,11 +59,27 @@ def _cmd_plan(args) -> dict:
 
     dims = plan.model_dims(args.model.removeprefix("random:"))
     device = plan.DEVICE_PRESETS[args.device_preset] if args.device_preset else None
+    resident = _stream_resident_bytes(args.model, dims, args.batch_size // max(args.gpus, 1)) if args.stream else 0
     result = plan.plan(dims, _clt_config(args, dims.n_layers, dims.d_model), optimizer=args.optimizer, device=device,
-                       gpus=args.gpus, batch_size=args.batch_size)
+                       gpus=args.gpus, batch_size=args.batch_size, resident_bytes=resident)
     print(plan.format_plan(result))
     print(plan.format_gpus(result))
+    if device is not None:  # every recipe the trainer implements, side by side
+        print(plan.format_recipes(dims, result.config, device, args.batch_size, resident))
     return {k: v for k, v in asdict(result).items() if k not in ("config", "model", "device")}
+
+
+def _stream_resident_bytes(model: str, dims, batch_size: int) -> int:
+    """What streaming from `model` in bfloat16 keeps on each GPU (store.streaming.resident_bytes), with the forward
+    batch the streaming source picks for prompts of prompt_tokens() tokens."""
+    from . import models
+    from .store import streaming
+
+    config = models.model_config("random:llava-1.5-7b" if model == "llava-1.5-7b" else model)  # a preset: its architecture
+    tokens = streaming.prompt_tokens(config)
+    forward_tokens = tokens * streaming.forward_samples(tokens, dims.n_layers, dims.d_model, 2)
+    return streaming.resident_bytes(2 * models.parameter_count(config), batch_size, forward_tokens, dims.n_layers,
+                                    dims.d_model, 2)
 
 
 def _cmd_capture(args) -> dict:
@@ -85,7 +101,7 @@ def _cmd_train(args) -> dict:
 
     source = ActivationStore(args.acts, input_site=args.input_site)
     config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-                         optimizer=args.optimizer, parallel=args.parallel)
+                         optimizer=args.optimizer, parallel=args.parallel, checkpoint_every=args.checkpoint_every)
     clt_config = _clt_config(args, source.n_layers, source.d_model, source.input_site)
     result = train(clt_config, config, source, args.out, progress=not args.json)
     mean_fvu, mean_l0 = sum(result.fvu) / len(result.fvu), sum(result.l0) / len(result.l0)
@@ -174,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device-preset", choices=list(plan.DEVICE_PRESETS), help="bound speed and memory on this device")
     pl.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (each holds a full replica)")
     pl.add_argument("--batch-size", type=int, default=4096, help="tokens per step, over all GPUs")
+    pl.add_argument("--stream", action="store_true", help="count the streamed model (bf16) and its buffers on each GPU")
 
     ca = command("capture", "capture resid_mid and mlp_out of every layer to a sharded store", _cmd_capture)
     ca.add_argument("--model", default="tiny-llava-shapes")
@@ -199,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, type=Path)
     tr.add_argument("--device", default=TrainConfig.device)
     tr.add_argument("--seed", type=int, default=TrainConfig.seed)
+    tr.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every,
+                    help="steps between checkpoints; 0: none, only the final model (a killed run starts over)")
     tr.add_argument("--parallel", choices=PARALLEL, default=TrainConfig.parallel,
                     help="under torchrun: ddp replicates the CLT, fsdp shards it (FSDP2; adam recipes; see `plan --gpus`)")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -168,6 +169,27 @@ def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, Tenso
         raise ValueError(f"{path} is not a readable safetensors file ({reason}); re-save or re-export it") from err
 
 
+class SourceDecoder(nn.Module):
+    """One source layer's decoder, weight [n, n_targets, d]: a module of its own so that FSDP can shard each
+    source as a unit and gather one at a time (clt_lite.parallel). Use it only through forward: under FSDP
+    its weight is whole only there."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, values: Tensor | None, indices: Tensor, norms_only: bool = False) -> Tensor:
+        """Contributions [N, n_targets, d] of latents (values, indices [N, k']) to every target, summed
+        sparsely (embedding_bag gathers only the k' active rows); with norms_only, the decoder norms of
+        those latents [N, k'] instead (the JumpReLU penalty's weights)."""
+        n, n_targets, d = self.weight.shape
+        flat = self.weight.reshape(n, n_targets * d)
+        if norms_only:
+            return flat.norm(dim=1)[indices]
+        out = F.embedding_bag(indices, flat, per_sample_weights=values.to(flat.dtype), mode="sum")
+        return out.view(-1, n_targets, d)
+
+
 class CrossLayerTranscoder(nn.Module):
     """A CLT over all L layers (a PLT when cross_layer = 1). Computes in normalised units.
 
@@ -188,8 +210,8 @@ class CrossLayerTranscoder(nn.Module):
         self.W_enc = nn.Parameter(torch.empty(L, n, d, **kw).uniform_(-(d**-0.5), d**-0.5))
         self.b_enc = nn.Parameter(torch.zeros(L, n, **kw))
         dec_bound = (L * d) ** -0.5
-        self.W_dec = nn.ParameterList(
-            nn.Parameter(torch.empty(n, config.n_targets(s), d, **kw).uniform_(-dec_bound, dec_bound)) for s in range(L)
+        self.decoders = nn.ModuleList(
+            SourceDecoder(torch.empty(n, config.n_targets(s), d, **kw).uniform_(-dec_bound, dec_bound)) for s in range(L)
         )
         self.b_dec = nn.Parameter(torch.zeros(L, d, **kw))
         if config.skip_connection:
@@ -201,6 +223,11 @@ class CrossLayerTranscoder(nn.Module):
             self.post_enc_scale = nn.Parameter(torch.ones(L, n, **kw), requires_grad=config.train_post_encoder)
         self.register_buffer("input_scale", torch.ones(L, device=device, dtype=torch.float32))
         self.register_buffer("target_scale", torch.ones(L, device=device, dtype=torch.float32))
+
+    @property
+    def W_dec(self) -> list[nn.Parameter]:
+        """The decoders' weights by source: W_dec[s] [n, n_targets(s), d] (saved as "W_dec.{s}")."""
+        return [decoder.weight for decoder in self.decoders]
 
     # ----------------------------------------------------------------------------------- encode
     def encode(self, x: Tensor) -> Encoding:
@@ -248,10 +275,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode_source(self, layer: int, values: Tensor, indices: Tensor) -> Tensor:
         """Contributions [N, n_targets(layer), d] of one source layer's latents to its targets (normalised, no bias)."""
-        W = self.W_dec[layer]
-        n, n_targets, d = W.shape
-        out = F.embedding_bag(indices, W.reshape(n, n_targets * d), per_sample_weights=values.to(W.dtype), mode="sum")
-        return out.view(-1, n_targets, d)
+        return self.decoders[layer](values, indices)
 
     # ----------------------------------------------------------------------------------- decode
     def latent_sum(self, values: Tensor, indices: Tensor) -> Tensor:
@@ -260,14 +284,9 @@ class CrossLayerTranscoder(nn.Module):
         Per source s, embedding_bag gathers only the k' active rows of W_dec[s] viewed as
         [n, n_targets*d] and sums them weighted by the activations: O(k d) per pair instead of O(n d).
         """
-        batch = values.shape[0]
         parts: list[list[Tensor]] = [[] for _ in range(self.config.n_layers)]
-        for s, W in enumerate(self.W_dec):
-            n, n_targets, d = W.shape
-            flat = F.embedding_bag(
-                indices[:, s], W.reshape(n, n_targets * d), per_sample_weights=values[:, s].to(W.dtype), mode="sum"
-            )
-            for offset, part in enumerate(flat.view(batch, n_targets, d).unbind(1)):
+        for s, decoder in enumerate(self.decoders):  # through each module's forward: FSDP gathers one source at a time
+            for offset, part in enumerate(decoder(values[:, s], indices[:, s]).unbind(1)):
                 parts[s + offset].append(part)
         return torch.stack([sum(p) for p in parts], dim=1)
 
@@ -323,7 +342,7 @@ class CrossLayerTranscoder(nn.Module):
         model from shrinking activations while growing decoders; tanh saturates so large activations
         are not pushed to zero (unlike L1).
         """
-        norms = self.decoder_norms().expand(values.shape[0], -1, -1).gather(-1, indices)
+        norms = torch.stack([decoder(None, indices[:, s], norms_only=True) for s, decoder in enumerate(self.decoders)], 1)
         return torch.tanh(c * values * norms).sum((1, 2))
 
     @torch.no_grad()
@@ -357,7 +376,7 @@ class CrossLayerTranscoder(nn.Module):
         """Write config.json and clt.safetensors (scales included) into folder `path`, each atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        tensors = {_file_name(name): t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self.config), indent=2)))
 
@@ -381,7 +400,7 @@ class CrossLayerTranscoder(nn.Module):
 
 def _load_checked(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
     """Check names and shapes against what the config implies (one line on mismatch), then load in place."""
-    own = model.state_dict()
+    own = {_file_name(k): v for k, v in model.state_dict().items()}
     expected = {k: tuple(v.shape) for k, v in own.items()}
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -389,4 +408,13 @@ def _load_checked(model: nn.Module, tensors: dict[str, Tensor], source: Path) ->
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)} but the config implies {shape}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, assign=True)
+    model.load_state_dict({_module_name(k): v.to(own[k].dtype) for k, v in tensors.items()}, assign=True)
+
+
+# Files keep the flat names ("W_dec.3") they had before the decoders became modules ("decoders.3.weight").
+def _file_name(state_key: str) -> str:
+    return re.sub(r"^decoders\.(\d+)\.weight$", r"W_dec.\1", state_key)
+
+
+def _module_name(file_key: str) -> str:
+    return re.sub(r"^W_dec\.(\d+)$", r"decoders.\1.weight", file_key)

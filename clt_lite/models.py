@@ -114,6 +114,24 @@ def random_config(name: str):
                        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2)
 
 
+def model_config(name: str):
+    """The LlavaConfig of the toy name, a random:<preset> or a local folder, without loading any weights."""
+    from transformers import LlavaConfig
+
+    if name.startswith("random:"):
+        return random_config(name)
+    return LlavaConfig.from_pretrained(_resolve_source(name), local_files_only=True)
+
+
+def parameter_count(config) -> int:
+    """Parameters of a whole LLaVA model (vision tower, projector, language model), built on the meta device."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def random_processor(config):
     """A LlavaProcessor for `config`: the toy's word-level tokenizer with the model's special-token ids,
     a CLIP image processor at the tower's resolution, LLaVA-1.5's chat template.

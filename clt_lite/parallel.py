@@ -5,11 +5,11 @@ Checkpoints always hold full tensors written by rank 0, whatever the mode: every
 and, under FSDP, keeps its shard. So a run may resume on another number of processes, and DDP and FSDP
 checkpoints are interchangeable.
 
-FSDP here wraps the CLT as one unit (``fully_shard`` on the root): the CLT keeps all layers in a few stacked
-tensors (W_enc [L, n, d], one W_dec per source) in one module whose forward uses them all, so there is no
-per-layer submodule to shard separately. Every step therefore gathers all weights for forward and backward and
-computes full gradients before reduce-scattering them; what sharding saves is the optimizer states and the
-persistent copies of weights and gradients (clt_lite.plan sizes it: ``Plan.fsdp_gpu_bytes``).
+FSDP here makes each source layer's decoder (clt.SourceDecoder, 94% of a full CLT's parameters) a unit of
+its own and the rest (the encoder W_enc [L, n, d], biases, scales) the root unit. A decoder is gathered for
+its forward, freed after it, gathered again for its backward, and its gradient reduce-scattered as soon as
+that backward ends, so a GPU holds one or two whole decoders at a time, never all of them: an expansion-16
+full CLT at LLaVA-7B width becomes a matter of GPU count (clt_lite.plan sizes it: ``Plan.fsdp_gpu_bytes``).
 """
 
 from __future__ import annotations
@@ -75,10 +75,13 @@ def wrap(clt: nn.Module, parallel: str, ranks: Ranks, device: torch.device) -> n
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (ranks.world,))
-    # reshard_after_forward=False keeps the gathered weights until backward ends, so the trainer may use them
-    # outside forward (the AuxK loss decodes dead latents, the JumpReLU penalty reads decoder norms). FSDP
-    # averages gradients over ranks with a reduce-scatter, as DDP does with its all-reduce.
-    fully_shard(clt, mesh=mesh, reshard_after_forward=False)
+    # Each decoder is freed after its forward (reshard_after_forward) and gathered again when used: the AuxK loss
+    # and the JumpReLU penalty call the decoders' forward too, so they see whole weights. The root unit stays
+    # gathered from forward to the end of backward (FSDP never reshards the root after forward). FSDP averages
+    # gradients over ranks with a reduce-scatter, as DDP does with its all-reduce.
+    for decoder in clt.decoders:
+        fully_shard(decoder, mesh=mesh, reshard_after_forward=True)
+    fully_shard(clt, mesh=mesh)
     return clt
 
 

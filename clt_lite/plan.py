@@ -95,10 +95,11 @@ class Plan:
     optimizer: str  # the recipe (clt_lite.optim.RECIPES) the bytes assume
     batch_size: int  # tokens per step, summed over GPUs, used for the bounds
     gpus: int  # data-parallel GPUs (DDP: each holds a full replica and batch_size / gpus tokens)
-    gpu_bytes: int  # memory one GPU needs on one process or under DDP: training_bytes + batch_bytes
+    resident_bytes: int  # what else each GPU holds while the CLT trains: the model a streaming source runs, its buffers
+    gpu_bytes: int  # memory one GPU needs on one process or under DDP: training_bytes + batch_bytes + resident_bytes
+    fsdp_gathered_bytes: int  # FSDP: root unit's weights + gradients, two whole decoders' weights, one's gradient
     fsdp_gpu_bytes: int | None  # per GPU under the trainer's `parallel: fsdp` on `gpus` ranks (None: 1 GPU, adafactor)
     fsdp_gpus_needed: int | None  # fewest devices on which `parallel: fsdp` fits (None: no device, adafactor, or never)
-    sharded_gpus_needed: int | None  # fewest devices if everything, gathered weights too, were split evenly (ideal)
     device: DeviceSpec | None  # device the bounds assume
     compute_tokens_per_s: float | None  # peak FLOP/s / train FLOPs per token
     bandwidth_tokens_per_s: float | None  # batch_size * bandwidth / bytes moved per step
@@ -152,17 +153,18 @@ def param_shapes(clt_config: CLTConfig) -> list[tuple[int, ...]]:
 
 
 def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device: str | DeviceSpec | None = None,
-         batch_size: int = 4096, act_dtype: str = "bfloat16", gpus: int = 1) -> Plan:
+         batch_size: int = 4096, act_dtype: str = "bfloat16", gpus: int = 1, resident_bytes: int = 0) -> Plan:
     """Count parameters, bytes and FLOPs of `clt_config` trained with recipe `optimizer`, and bound tokens/s.
 
     Memory per GPU = weights + gradients (the recipe's param dtype) + optimizer states + the largest
-    temporary of an optimizer step + activations of the GPU's share of the batch. Data parallel (DDP)
-    replicates everything but the batch, so more GPUs do not make a CLT fit. The trainer's FSDP
-    (`parallel: fsdp`, see clt_lite.parallel) shards the CLT as one unit: each step gathers all weights
-    and computes all gradients before reduce-scattering them, so a GPU needs the full weights and
-    gradients plus its 1/gpus share of weights, gradients and optimizer states (fsdp_gpu_bytes):
-    sharding saves the optimizer states, never the gathered weights and gradients. sharded_gpus_needed
-    is the ideal (everything split evenly), what per-layer wrapping could approach.
+    temporary of an optimizer step + activations of the GPU's share of the batch + resident_bytes (what
+    else lives on the GPU: a streaming run's model and shuffle buffer). Data parallel (DDP) replicates
+    everything but the batch, so more GPUs do not make a CLT fit. The trainer's FSDP (`parallel: fsdp`,
+    see clt_lite.parallel) makes each source's decoder a unit and the encoder and biases the root unit: a
+    GPU holds the root unit's weights and gradients whole, at most two whole decoders (the one running,
+    the next prefetched) and one decoder's unsharded gradient (fsdp_gathered_bytes), plus its 1/gpus share
+    of all weights, gradients and optimizer states (fsdp_gpu_bytes); the CLT's size is then a matter of
+    GPU count (fsdp_gpus_needed).
 
     Throughput model (an upper bound, per GPU): compute bound = peak FLOP/s / (3 x forward FLOPs per
     token, sparse decoder); bandwidth bound = tokens per step / time to move, per step, the weights four
@@ -200,24 +202,27 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
         return 4 * (batch_size // g) * L * (3 * d + 2 * n)  # (B L d) and pre-activations with their gradient (2 B L n), fp32
 
     batch_bytes = batch_share(gpus)
+    root_shapes, decoder_shapes = shapes[:-L], shapes[-L:]  # param_shapes lists the decoders last
+    root = BYTES_PER_DTYPE[param_dtype] * sum(math.prod(s) for s in root_shapes)
+    largest_decoder = BYTES_PER_DTYPE[param_dtype] * max(math.prod(s) for s in decoder_shapes)
+    gathered = 2 * root + 3 * largest_decoder
 
     enc_flops = 2 * L * d * n
     dec_dense, dec_sparse = 2 * n * d * pairs, 2 * k * d * pairs
     dec_bytes = k * d * pairs * BYTES_PER_DTYPE[param_dtype]
     train_flops = 3 * (enc_flops + dec_sparse)
-    compute = bandwidth = best = fits = sharded = None
+    compute = bandwidth = best = fits = None
     if device is not None:
         compute = device.flops / train_flops
         step_bytes_moved = 6 * weight_bytes + 2 * optimizer_bytes + 4 * batch_size * dec_bytes
         bandwidth = batch_size * device.bandwidth / step_bytes_moved
         best = min(compute, bandwidth)
-        fits = training_bytes + batch_bytes <= device.memory
-        sharded = max(1, math.ceil((training_bytes + batch_bytes * gpus) / device.memory))  # the whole batch
+        fits = training_bytes + batch_bytes + resident_bytes <= device.memory
     all_grads = grad_bytes(optimizer, shapes, data_parallel=True)  # FSDP steps after the reduce-scatter
     sharded_part = weight_bytes + all_grads + optimizer_bytes + temporary
 
     def fsdp_bytes(g: int) -> int:
-        return weight_bytes + all_grads + math.ceil(sharded_part / g) + batch_share(g)
+        return gathered + math.ceil(sharded_part / g) + batch_share(g) + resident_bytes
 
     runs_sharded = recipe(optimizer).kind == "adam"  # torch's Adafactor fails on DTensor parameters
     fsdp_gpu_bytes = fsdp_bytes(gpus) if runs_sharded and gpus > 1 else None
@@ -231,8 +236,9 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
         encoder_flops_per_token=enc_flops, decoder_flops_per_token_dense=dec_dense,
         decoder_flops_per_token_sparse=dec_sparse, decoder_bytes_per_token_sparse=dec_bytes,
         train_flops_per_token=train_flops, disk_bytes_per_token=2 * L * d * BYTES_PER_DTYPE[act_dtype],
-        optimizer=optimizer, batch_size=batch_size, gpus=gpus, gpu_bytes=training_bytes + batch_bytes,
-        fsdp_gpu_bytes=fsdp_gpu_bytes, fsdp_gpus_needed=fsdp_needed, sharded_gpus_needed=sharded, device=device,
+        optimizer=optimizer, batch_size=batch_size, gpus=gpus, resident_bytes=resident_bytes,
+        gpu_bytes=training_bytes + batch_bytes + resident_bytes, fsdp_gathered_bytes=gathered,
+        fsdp_gpu_bytes=fsdp_gpu_bytes, fsdp_gpus_needed=fsdp_needed, device=device,
         compute_tokens_per_s=compute, bandwidth_tokens_per_s=bandwidth, max_tokens_per_s=best, fits=fits,
     )
 
@@ -258,6 +264,8 @@ def format_plan(p: Plan) -> str:
           if p.optimizer_step_bytes else []),
         f"  training total       {_gib(p.training_bytes)} + batch of {p.batch_size // p.gpus:,} tokens "
         f"{_gib(p.batch_bytes)}" + (f" per GPU, {p.gpus} data-parallel GPUs" if p.gpus > 1 else ""),
+        *([f"  resident beside it   {_gib(p.resident_bytes)} (the streamed model's weights and shuffle buffer)"]
+          if p.resident_bytes else []),
         f"  FLOPs/token forward  encoder {p.encoder_flops_per_token:.3g}, decoder sparse "
         f"{p.decoder_flops_per_token_sparse:.3g} (dense {p.decoder_flops_per_token_dense:.3g})",
         f"  activations on disk  {p.disk_bytes_per_token / 2**10:,.0f} KiB/token, "
@@ -278,29 +286,59 @@ def format_gpus(p: Plan) -> str:
         return "GPUs: give a device preset to size them"
     name = p.device.name
     verdict = "YES" if p.fits else "NO (data parallel replicates weights, gradients and states)"
-    ddp = (f"fits {p.gpus} x {name} with {p.optimizer}: {verdict}; needs {_gib(p.gpu_bytes)} per GPU; "
-           f"fully sharded (everything split evenly, ideal) it would need {p.sharded_gpus_needed} x {name}")
+    ddp = f"fits {p.gpus} x {name} with {p.optimizer}: {verdict}; needs {_gib(p.gpu_bytes)} per GPU"
     if recipe(p.optimizer).kind != "adam":
         return ddp + f"\n  parallel: fsdp: not with {p.optimizer} (torch's Adafactor fails sharded); use an adam recipe"
     needed = (f"needs at least {p.fsdp_gpus_needed} x {name}" if p.fsdp_gpus_needed else
-              f"never fits {name} (the gathered weights and gradients alone do not)")
+              f"never fits {name} (the gathered units alone, {_gib(p.fsdp_gathered_bytes)}, do not)")
     here = ""
     if p.fsdp_gpu_bytes is not None:
         fits = "YES" if p.fsdp_gpu_bytes <= p.device.memory else "NO"
         here = f"on {p.gpus} x {name}: {fits}, {_gib(p.fsdp_gpu_bytes)} per GPU; "
-    return (ddp + f"\n  parallel: fsdp (torchrun, `--parallel fsdp`; gathers all weights and gradients each step, "
-            f"shards the rest) {here}{needed}")
+    return (ddp + f"\n  parallel: fsdp (torchrun, `--parallel fsdp`; one decoder per unit, gathered "
+            f"{_gib(p.fsdp_gathered_bytes)}, the rest sharded) {here}{needed}")
 
 
-def format_recipes(dims: ModelDims, clt_config: CLTConfig, device: DeviceSpec, batch_size: int = 4096) -> str:
+def format_recipes(dims: ModelDims, clt_config: CLTConfig, device: DeviceSpec, batch_size: int = 4096,
+                   resident_bytes: int = 0) -> str:
     """One line per optimizer recipe the trainer implements: memory per GPU, whether one `device` holds it,
-    the tokens/s bound, and how many devices a sharded run would need."""
+    the tokens/s bound, and how many devices the trainer's FSDP needs ("-": the recipe does not run sharded)."""
     lines = [f"{'recipe':<10} {'param dtype':<11} {'GiB per GPU':>11}  {'fits 1 x ' + device.name:<13} "
-             f"{'tokens/s bound':>14}  {'sharded GPUs':>12}"]
+             f"{'tokens/s bound':>14}  {'FSDP GPUs':>9}"]
     for name, spec in RECIPES.items():
-        p = plan(dims, clt_config, name, device=device, batch_size=batch_size)
+        p = plan(dims, replace(clt_config, dtype=spec.param_dtype), name, device=device, batch_size=batch_size,
+                 resident_bytes=resident_bytes)
         lines.append(f"{name:<10} {spec.param_dtype:<11} {p.gpu_bytes / GiB:>11,.1f}  {'YES' if p.fits else 'no':<13} "
-                     f"{p.max_tokens_per_s:>14,.0f}  {p.sharded_gpus_needed:>12}")
+                     f"{p.max_tokens_per_s:>14,.0f}  {p.fsdp_gpus_needed or '-':>9}")
+    return "\n".join(lines)
+
+
+class Launch(NamedTuple):
+    """One way to train a CLT: format_launches prints its plan and the command line that starts it."""
+
+    expansion: int  # latents per layer / d_model
+    optimizer: str  # recipe (clt_lite.optim.RECIPES)
+    gpus: int  # processes, one GPU each (1: plain python; more: torchrun, nodes of 8 past 8)
+    parallel: str = "fsdp"  # with gpus > 1: "ddp" or "fsdp"
+
+
+def format_launches(dims: ModelDims, launches: list[Launch], device: DeviceSpec, k: int, batch_size: int) -> str:
+    """Per launch: GPUs, recipe, memory per GPU, whether it fits, the tokens/s bound per GPU, and the exact command
+    (full CLT over every layer; `--acts` is a store from `capture`, or use a config with stream: true)."""
+    lines = [f"{'expansion':>9} {'recipe':<10} {'GPUs':>4} {'mode':<4} {'GiB/GPU':>8}  {'fits':<4} {'tokens/s/GPU':>12}"]
+    for e, optimizer, gpus, parallel in launches:
+        config = CLTConfig(dims.n_layers, dims.d_model, expansion_factor=e, k=k, dtype=recipe(optimizer).param_dtype)
+        p = plan(dims, config, optimizer, device=device, batch_size=batch_size, gpus=gpus)
+        need = _bytes_per_gpu(p, parallel)
+        mode = "one" if gpus == 1 else parallel
+        args = (f"-m clt_lite train --acts ACTS --expansion {e} --k {k} --cross-layer 0 --optimizer {optimizer} "
+                f"--batch-size {batch_size} --out clt-x{e}")
+        nodes = "" if gpus <= 8 else f"--nnodes {gpus // 8} --rdzv-backend c10d --rdzv-endpoint HOST:29500 "
+        command = (f"python {args}" if gpus == 1 else
+                   f"torchrun {nodes}--nproc_per_node {min(gpus, 8)} {args} --parallel {parallel}")
+        lines.append(f"{e:>9} {optimizer:<10} {gpus:>4} {mode:<4} {need / GiB:>8,.1f}  "
+                     f"{'YES' if need <= device.memory else 'no':<4} {p.max_tokens_per_s:>12,.0f}")
+        lines.append(f"{'':>9} $ {command}")
     return "\n".join(lines)
 
 
@@ -310,7 +348,7 @@ def _bytes_per_gpu(p: Plan, parallel: str) -> int:
 
 
 def nearest_fit(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer: str, batch_size: int,
-                gpus: int = 1, parallel: str = "ddp") -> tuple[str, CLTConfig] | None:
+                gpus: int = 1, parallel: str = "ddp", resident_bytes: int = 0) -> tuple[str, CLTConfig] | None:
     """The closest (recipe, config) that fits `memory` bytes per GPU: another recipe at the same size first,
     then this recipe (then the others) with latents halved until one fits; None if not even n = k does."""
     order = [optimizer] + [name for name in RECIPES if name != optimizer]
@@ -318,32 +356,35 @@ def nearest_fit(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer
     while n >= clt_config.k:
         for name in order:
             fitted = replace(clt_config, n_latents=n, dtype=recipe(name).param_dtype)
-            if _bytes_per_gpu(plan(dims, fitted, name, batch_size=batch_size, gpus=gpus), parallel) <= memory:
+            p = plan(dims, fitted, name, batch_size=batch_size, gpus=gpus, resident_bytes=resident_bytes)
+            if _bytes_per_gpu(p, parallel) <= memory:
                 return name, fitted
         n //= 2
     return None
 
 
 def check_fits(dims: ModelDims, clt_config: CLTConfig, memory: float, optimizer: str, batch_size: int,
-               gpus: int = 1, where: str = "the device", parallel: str = "ddp") -> Plan:
+               gpus: int = 1, where: str = "the device", parallel: str = "ddp", resident_bytes: int = 0) -> Plan:
     """The plan; a one-line ValueError with its numbers and the nearest config that fits when it does not.
 
-    `parallel` ("ddp" or "fsdp", TrainConfig.parallel) matters only with gpus > 1."""
-    p = plan(dims, clt_config, optimizer, batch_size=batch_size, gpus=gpus)
+    `parallel` ("ddp" or "fsdp", TrainConfig.parallel) matters only with gpus > 1; `resident_bytes` is what
+    else the device holds (a streaming source's model and buffer)."""
+    p = plan(dims, clt_config, optimizer, batch_size=batch_size, gpus=gpus, resident_bytes=resident_bytes)
     need = _bytes_per_gpu(p, parallel)
     if need <= memory:
         return p
-    near = nearest_fit(dims, clt_config, memory, optimizer, batch_size, gpus, parallel)
+    near = nearest_fit(dims, clt_config, memory, optimizer, batch_size, gpus, parallel, resident_bytes)
     hint = ("nothing at this depth and width fits" if near is None else
             f"nearest that fits: optimizer={near[0]!r}, n_latents={near[1].num_latents} ({near[1].dtype})")
+    resident = f" + resident {resident_bytes / GiB:,.2f}" if resident_bytes else ""
     if parallel == "fsdp" and p.fsdp_gpu_bytes is not None:
         raise ValueError(
             f"CLT does not fit {where} ({memory / GiB:,.1f} GiB) sharded on {gpus} ranks: needs {_gib(need)} per rank "
-            f"= gathered weights and gradients {(p.weight_bytes + p.grad_bytes) / GiB:,.2f} + 1/{gpus} of them and of "
-            f"the optimizer states ({optimizer}) + batch {p.batch_bytes / GiB:,.2f} GiB; {hint}"
+            f"= gathered units {p.fsdp_gathered_bytes / GiB:,.2f} + 1/{gpus} of the weights, gradients and optimizer "
+            f"states ({optimizer}) + batch {p.batch_bytes / GiB:,.2f}{resident} GiB; {hint}"
         )
     raise ValueError(
         f"CLT does not fit {where} ({memory / GiB:,.1f} GiB): needs {_gib(p.gpu_bytes)} = weights "
         f"{p.weight_bytes / GiB:,.2f} + gradients {p.grad_bytes / GiB:,.2f} + optimizer ({optimizer}) "
-        f"{(p.optimizer_bytes + p.optimizer_step_bytes) / GiB:,.2f} + batch {p.batch_bytes / GiB:,.2f} GiB; {hint}"
+        f"{(p.optimizer_bytes + p.optimizer_step_bytes) / GiB:,.2f} + batch {p.batch_bytes / GiB:,.2f}{resident} GiB; {hint}"
     )

@@ -31,3 +31,6 @@ class ActivationSource(Protocol):
     def batches(self, batch_size: int, split: str = "train", seed: int = 0) -> Iterator[ActivationBatch]:
         """Endless (repeating) for split='train', one finite pass for split='val'; same seed, same order."""
         ...
+
+    # Optional (the streaming source has them): `device`, where the source computes, and `device_bytes(batch_size)`,
+    # the bytes it keeps there while a CLT trains; the trainer's memory check adds them when the devices agree.

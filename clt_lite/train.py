@@ -24,6 +24,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -62,7 +63,7 @@ class TrainConfig:
     dead_tokens: int = 1_000_000  # a latent is dead once it has not fired for this many training tokens
     sparsity_coef: float = 1e-4  # JumpReLU only: lambda of the tanh sparsity penalty (per token)
     sparsity_c: float = 1.0  # JumpReLU only: c inside tanh(c * activation * ||W_dec||)
-    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end); 0: none, only the final model
     log_every: int = 10  # steps per history entry and progress-bar update
     val_batches: int | None = 16  # batches of the val split evaluated at the end; None = the whole split
     seed: int = 0  # model init and batch order
@@ -72,8 +73,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.tokens < self.batch_size or self.batch_size < 1:
             raise ValueError(f"need tokens >= batch_size >= 1, got tokens={self.tokens}, batch_size={self.batch_size}")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be >= 1")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            raise ValueError(f"need checkpoint_every >= 0 (0: no checkpoints) and log_every >= 1, got "
+                             f"{self.checkpoint_every} and {self.log_every}")
         optim.recipe(self.optimizer)
         check("parallel", self.parallel, Parallel)
         if self.parallel == "fsdp" and optim.recipe(self.optimizer).kind != "adam":
@@ -209,6 +211,29 @@ def _check_source(source: ActivationSource, clt_config: CLTConfig, train_config:
                          f"says dtype={clt_config.dtype!r}; set CLTConfig(dtype={param_dtype!r})")
 
 
+def _resident_bytes(source: ActivationSource, batch_size: int, device: torch.device) -> int:
+    """What a streaming source keeps on the training device (its model, its pool); 0 for stores, which read from disk."""
+    if not hasattr(source, "device_bytes") or torch.device(source.device).type != device.type:
+        return 0
+    return source.device_bytes(batch_size)
+
+
+def _check_disk(out_dir: Path, p: plan.Plan, cfg: TrainConfig) -> None:
+    """One-line ValueError, before any training, when out_dir's disk cannot take what the run will write: the final
+    model and, with checkpoints, two of them at once (a new one is complete before the old one is removed)."""
+    checkpoint = p.weight_bytes + p.optimizer_bytes
+    need = p.weight_bytes + (2 * checkpoint if cfg.checkpoint_every else 0)
+    if latest_checkpoint(out_dir) is not None:
+        need -= checkpoint  # resuming: one checkpoint is on disk already
+    folder = next(parent for parent in (out_dir.absolute(), *out_dir.absolute().parents) if parent.exists())
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        keep = "; or set checkpoint_every=0 to keep only the final model" if cfg.checkpoint_every else ""
+        raise ValueError(f"{out_dir} has {free / 1e9:,.2f} GB free but this run writes up to {need / 1e9:,.2f} GB (the "
+                         f"final model {p.weight_bytes / 1e9:,.2f} GB" + (f", two checkpoints of {checkpoint / 1e9:,.2f} GB"
+                         if cfg.checkpoint_every else "") + f"); free space or write elsewhere{keep}")
+
+
 def _device_memory(device: torch.device) -> tuple[float, str]:
     """(bytes, label) of the memory a training process may fill: the GPU's, or the machine's RAM on CPU."""
     if device.type == "cuda":
@@ -267,8 +292,10 @@ def train(clt_config: CLTConfig, train_config: TrainConfig, source: ActivationSo
         _check_source(source, clt_config, train_config, ranks.world)
         memory, label = _device_memory(device)
         dims = plan.ModelDims(clt_config.n_layers, clt_config.d_model, "source")
-        plan.check_fits(dims, clt_config, memory, train_config.optimizer, train_config.batch_size, ranks.world, label,
-                        train_config.parallel)
+        fitted = plan.check_fits(dims, clt_config, memory, train_config.optimizer, train_config.batch_size, ranks.world,
+                                 label, train_config.parallel,
+                                 _resident_bytes(source, train_config.batch_size // ranks.world, device))
+        _check_disk(Path(out_dir), fitted, train_config)
         return _train(clt_config, train_config, source, Path(out_dir), progress, ranks, device)
     finally:
         if created_group:
@@ -353,13 +380,14 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
             })
             bar.set_postfix(loss=f"{window['loss'] / steps:.4f}")
             window = state["window"] = _empty_window(L)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             state["step"] = done
             state["train_seconds"] += time.perf_counter() - session_start
             session_start = time.perf_counter()
-            full_clt, opt_state = parallel.full_model(clt, ranks), parallel.full_state(opt.state_dict(), ranks)
-            if ranks.rank == 0:
-                _save_checkpoint(out_dir, done, full_clt, opt_state, since_fired, state)
+            if cfg.checkpoint_every:
+                full_clt, opt_state = parallel.full_model(clt, ranks), parallel.full_state(opt.state_dict(), ranks)
+                if ranks.rank == 0:
+                    _save_checkpoint(out_dir, done, full_clt, opt_state, since_fired, state)
     bar.close()
 
     full_clt = parallel.full_model(clt, ranks)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from clt_lite.cli import _stream_resident_bytes
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
 from clt_lite.plan import (
     DEVICE_PRESETS,
@@ -75,30 +76,49 @@ def test_recipe_bytes_for_the_full_7b_clt():
     assert ddp.batch_bytes == fp32.batch_bytes // 4
     assert "fits 4 x h200 with adafactor: NO" in format_gpus(ddp)  # 151.52 GiB per GPU: DDP cannot help memory
     adam = plan(LLAVA, llava_clt(k=64), device="h200", gpus=8)
-    assert adam.fits is False and adam.sharded_gpus_needed == 3
-    assert "fits 8 x h200 with adam: NO" in format_gpus(adam) and "would need 3 x h200" in format_gpus(adam)
+    assert adam.fits is False and adam.fsdp_gpus_needed == 3
+    assert "fits 8 x h200 with adam: NO" in format_gpus(adam) and "needs at least 3 x h200" in format_gpus(adam)
 
 
-def test_fsdp_per_gpu_memory_counts_the_gathered_weights_and_gradients():
-    """The trainer's FSDP shards the CLT as one unit: full weights and gradients per GPU plus 1/gpus of the rest."""
+def test_fsdp_per_gpu_memory_counts_the_gathered_units():
+    """The trainer's FSDP makes each source decoder a unit: a GPU holds the root unit (encoder, biases) whole with its
+    gradients, two whole decoders and one decoder's gradient, plus 1/gpus of all weights, gradients and states."""
     config = llava_clt(k=64, dtype="bfloat16")
     p = plan(LLAVA, config, optimizer="adam-bf16", device="h200", gpus=8)
     w, g = p.weight_bytes, p.grad_bytes  # gradients: all of them (stepped after the reduce-scatter)
-    assert g == w and p.fsdp_gpu_bytes == w + g + math.ceil((w + g + p.optimizer_bytes) / 8) + p.batch_bytes
-    assert p.fits is False and p.fsdp_gpu_bytes < 141e9 and p.fsdp_gpus_needed == 3  # 89.25 GiB on 8 GPUs
+    root = 2 * (32 * 8192 * 4096 + 32 * 8192 + 32 * 4096)  # W_enc, b_enc, b_dec in bf16
+    decoder_0 = 2 * 8192 * 32 * 4096  # W_dec[0] writes all 32 targets
+    assert g == w and p.fsdp_gathered_bytes == 2 * root + 3 * decoder_0
+    assert p.fsdp_gpu_bytes == 2 * root + 3 * decoder_0 + math.ceil((w + g + p.optimizer_bytes) / 8) + p.batch_bytes
+    assert p.fits is False and p.fsdp_gpu_bytes < 141e9 and p.fsdp_gpus_needed == 2  # 29.25 GiB on 8 GPUs
     assert "fits 8 x h200 with adam-bf16: NO" in format_gpus(p)
     assert "parallel: fsdp" in format_gpus(p) and "on 8 x h200: YES" in format_gpus(p)
-    assert "needs at least 3 x h200" in format_gpus(p)
+    assert "needs at least 2 x h200" in format_gpus(p)
     with pytest.raises(ValueError, match="does not fit an H200"):
         check_fits(LLAVA, config, 141e9, "adam-bf16", 4096, gpus=8, where="an H200")
     assert check_fits(LLAVA, config, 141e9, "adam-bf16", 4096, gpus=8, parallel="fsdp").fsdp_gpu_bytes < 141e9
-    with pytest.raises(ValueError, match=r"sharded on 2 ranks: needs .* per rank = gathered weights and gradients"):
-        check_fits(LLAVA, config, 141e9, "adam-bf16", 4096, gpus=2, parallel="fsdp")
+    with pytest.raises(ValueError, match=r"sharded on 2 ranks: needs .* per rank = gathered units .* \+ 1/2 of"):
+        check_fits(LLAVA, config, 80e9, "adam-bf16", 4096, gpus=2, parallel="fsdp")  # needs 93.4 GB
+    wide = plan(LLAVA, llava_clt(n_latents=65536, k=64, dtype="bfloat16"), "adam-bf16", device="h200", gpus=8)
+    assert wide.fsdp_gpus_needed == 24  # 150e9 parameters: a matter of GPU count (one unit would never fit)
     fp32 = plan(LLAVA, llava_clt(k=64), optimizer="adam", device="h200", gpus=8)
-    assert fp32.fsdp_gpus_needed is None and "never fits h200" in format_gpus(fp32)  # 140 GiB of gathered w + g
+    assert fp32.fsdp_gpus_needed == 3 and "on 8 x h200: YES" in format_gpus(fp32)
     adafactor = plan(LLAVA, llava_clt(k=64), optimizer="adafactor", device="h200", gpus=8)
     assert adafactor.fsdp_gpu_bytes is None and "not with adafactor" in format_gpus(adafactor)
     assert plan(LLAVA, config, optimizer="adam-bf16", device="h200").fsdp_gpu_bytes is None  # one GPU: no FSDP
+
+
+def test_streaming_resident_bytes_count_against_the_device():
+    """The model a stream runs and its pool sit beside the CLT: the full 7B recipe fits one H200 at 1024 tokens per
+    step with them counted, not at 2048 (clt_lite/cli.py plan --stream, configs/llava-7b-full.yaml)."""
+    config = llava_clt(k=64, dtype="bfloat16")
+    for batch, fits in ((1024, True), (2048, False)):
+        resident = _stream_resident_bytes("llava-1.5-7b", LLAVA, batch)
+        assert 16e9 < resident < 20e9  # 7.06e9 bf16 weights + pool and one 608-token forward of bf16 rows, twice
+        p = plan(LLAVA, config, "adam-bf16", device="h200", batch_size=batch, resident_bytes=resident)
+        assert p.gpu_bytes == plan(LLAVA, config, "adam-bf16", batch_size=batch).gpu_bytes + resident and p.fits is fits
+    with pytest.raises(ValueError, match=r"\+ resident 15\.75 GiB; nearest that fits"):
+        check_fits(LLAVA, config, 120 * GiB, "adam-bf16", 1024, resident_bytes=_stream_resident_bytes("llava-1.5-7b", LLAVA, 1024))
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(cross_layer=2, activation="jumprelu", skip_connection=True),
@@ -211,7 +231,10 @@ def test_readme_sharding_figures_are_the_planners():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     eight = plan(LLAVA, llava_clt(k=64), "adam-bf16", device="h200", gpus=8)
     wide = plan(LLAVA, llava_clt(n_latents=65536, k=64), "adam-bf16", device="h200", gpus=8)
+    streamed = plan(LLAVA, llava_clt(k=64), "adam-bf16", device="h200", batch_size=1024,
+                    resident_bytes=_stream_resident_bytes("llava-1.5-7b", LLAVA, 1024))
     for figure in (f"{eight.gpu_bytes / GiB:.2f} GiB per GPU on 8 H200s", f"{eight.fsdp_gpu_bytes / GiB:.2f} GiB per GPU on 8",
                    f"at\nleast {eight.fsdp_gpus_needed} GPUs", f"({wide.total_params / 1e9:.0f}e9 parameters)",
-                   f"({wide.fsdp_gpu_bytes / GiB:.0f} GiB per GPU on 8;"):
+                   f"({wide.fsdp_gpu_bytes / GiB:.0f} GiB per GPU on 8;", f"at least {wide.fsdp_gpus_needed} H200s",
+                   f"({streamed.gpu_bytes / GiB:.2f} GiB of {streamed.device.memory / GiB:.0f})"):
         assert figure.replace("\n", " ") in readme.replace("\n", " "), figure

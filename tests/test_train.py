@@ -166,6 +166,22 @@ def test_config_that_does_not_fit_fails_before_allocating(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_disk_too_small_for_the_checkpoints_fails_before_training(tmp_path, monkeypatch):
+    """Free space is checked against the final model plus two checkpoints (one with checkpoint_every=0: none)."""
+    cfg = TrainConfig(tokens=64 * 2, checkpoint_every=1, **FAST)
+    weights = 4 * sum(p.numel() for p in CrossLayerTranscoder(CLT).parameters())
+    free = weights + 2 * weights  # the final model fits, two checkpoints of weights + Adam states (3 x weights) do not
+    monkeypatch.setattr("clt_lite.train.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free))
+    pattern = (r"^\S+ has 0\.00 GB free but this run writes up to 0\.0\d GB \(the final model 0\.00 GB, two "
+               r"checkpoints of 0\.0\d GB\); free space or write elsewhere; or set checkpoint_every=0 to keep only the final model$")
+    with pytest.raises(ValueError, match=pattern):
+        train(CLT, cfg, SyntheticSource(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    result = train(CLT, dataclasses.replace(cfg, checkpoint_every=0), SyntheticSource(), tmp_path / "run", progress=False)
+    assert result.steps == 2 and not (tmp_path / "run" / "checkpoints").exists()
+    assert CrossLayerTranscoder.load(tmp_path / "run").config == CLT
+
+
 @pytest.mark.parametrize("activation", ["batchtopk", "jumprelu"])
 def test_other_activations_train(tmp_path, activation):
     clt_config = CLTConfig(n_layers=L, d_model=D, n_latents=32, k=4, activation=activation, cross_layer=2)
@@ -290,6 +306,43 @@ def test_fsdp_resume_after_kill_on_two_and_on_one_process(tmp_path, optimizer):
     assert single_process(tmp_path, optimizer, "resumed-on-one").steps == 6
     single_process(tmp_path, optimizer)
     assert_same_weights(tmp_path / "one", tmp_path / "resumed-on-one", recipe(optimizer).param_dtype)
+
+
+FSDP_UNITS_SCRIPT = """
+import copy, sys, torch
+torch.set_num_threads(1)
+sys.path[:0] = [{tests!r}, {repo!r}]
+from torch.distributed.fsdp import FSDPModule
+from clt_lite import parallel
+from clt_lite.clt import CLTConfig, CrossLayerTranscoder
+ranks, device, _ = parallel.setup_ranks("cpu")
+torch.manual_seed(0)
+clt = CrossLayerTranscoder(CLTConfig(n_layers=4, d_model=8, n_latents=16, k=4, activation="jumprelu"))
+reference, x = copy.deepcopy(clt), torch.randn(6, 4, 8)
+parallel.wrap(clt, "fsdp", ranks, device)
+assert all(isinstance(d, FSDPModule) for d in clt.decoders) and isinstance(clt, FSDPModule)
+
+def loss(model):
+    out = model(x)
+    aux = model.latent_sum(out.values.detach() * 0.5, out.indices)  # a second call of every decoder, as AuxK makes
+    return out.reconstruction.pow(2).sum() + aux.pow(2).sum() + model.sparsity_penalty(out.values, out.indices, 1.0).sum()
+
+total = loss(clt)
+assert all(d.weight.to_local().shape[0] == 8 for d in clt.decoders), "a decoder stayed gathered after its forward"
+total.backward()
+loss(reference).backward()
+for (name, p), q in zip(clt.named_parameters(), reference.parameters(), strict=True):
+    torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6, msg=name)
+print("ok")
+parallel.dist.destroy_process_group()
+"""
+
+
+def test_fsdp_gathers_one_decoder_at_a_time_and_computes_the_same_gradients(tmp_path):
+    """Every source decoder is its own FSDP unit, freed after its forward (so only one or two are whole at once),
+    and gradients through forward, a second decoder call (AuxK) and the JumpReLU penalty match one process's."""
+    done = torchrun(tmp_path, FSDP_UNITS_SCRIPT, tmp_path)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_parallel_is_validated_and_may_change_on_resume(tmp_path):

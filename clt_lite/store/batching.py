@@ -69,7 +69,9 @@ def _shuffled_batches(chunks: Iterator[tuple[Tensor, Tensor]], batch_size: int, 
 
 
 def _permuted(xs: list[Tensor], ys: list[Tensor], rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """The pooled rows shuffled; empties the pool lists first, so at most two copies of the pool exist at once."""
     x, y = torch.cat(xs), torch.cat(ys)
+    xs.clear(), ys.clear()
     order = torch.from_numpy(rng.permutation(len(x))).to(x.device)
     return x[order], y[order]
 
