@@ -16,8 +16,9 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .clt import CLTConfig, CrossLayerTranscoder, _load_checked, _read_safetensors
+from .clt import CLTConfig, CrossLayerTranscoder, _load_checked
 from .files import atomic_write
+from .tensor_files import read_safetensors
 
 # circuit-tracer's hook names of our sites. mlp_in is `mlp.hook_in`, the MLP's input after the norm's weight:
 # TransformerLens's `ln2.hook_normalized` is taken before that weight, and circuit-tracer's nnsight backend does not
@@ -86,7 +87,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> C
     if not config_path.is_file():
         raise ValueError(f"{config_path} not found; expected a folder in circuit-tracer's CLT layout")
     meta = (yaml.safe_load(config_path.read_text()) or {}).get("clt_lite")
-    enc0 = _read_safetensors(path / "W_enc_0.safetensors", map_location)
+    enc0 = read_safetensors(path / "W_enc_0.safetensors", map_location)
     if meta is None:
         if "threshold_0" not in enc0:
             raise ValueError(
@@ -108,9 +109,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> C
     state: dict[str, Tensor] = {"input_scale": torch.ones(config.n_layers), "target_scale": torch.ones(config.n_layers)}
     for s in range(config.n_layers):
         enc_path = path / f"W_enc_{s}.safetensors"
-        enc = enc0 if s == 0 else _read_safetensors(enc_path, map_location)
+        enc = enc0 if s == 0 else read_safetensors(enc_path, map_location)
         dec_path = path / f"W_dec_{s}.safetensors"
-        dec = _read_safetensors(dec_path, map_location)
+        dec = read_safetensors(dec_path, map_location)
         for name, found in [(f"{n}_{s}", enc) for n in names] + [(f"W_dec_{s}", dec)]:
             if name not in found:
                 raise ValueError(f"{enc_path if found is enc else dec_path} has no tensor {name}; re-export the CLT")

@@ -16,18 +16,20 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .choices import Activation, DType, InputSite, check, names
 from .devices import DTYPES
 from .files import atomic_write
+from .tensor_files import check_names, open_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "clt.safetensors"
@@ -158,17 +160,6 @@ def _compact(dense: Tensor) -> tuple[Tensor, Tensor]:
     return dense.topk(width, dim=-1, sorted=False)
 
 
-def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, Tensor]:
-    """load_file with a one-line ValueError naming the file when it is missing or corrupt."""
-    if not path.is_file():
-        raise ValueError(f"{path} not found; expected a folder written by CrossLayerTranscoder.save or the trainer")
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as err:  # safetensors raises its own error type for corrupt headers and truncation
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path} is not a readable safetensors file ({reason}); re-save or re-export it") from err
-
-
 class SourceDecoder(nn.Module):
     """One source layer's decoder, weight [n, n_targets, d]: a module of its own so that FSDP can shard each
     source as a unit and gather one at a time (clt_lite.parallel). Use it only through forward: under FSDP
@@ -198,7 +189,10 @@ class CrossLayerTranscoder(nn.Module):
     Buffers input_scale and target_scale [L] map raw activations to normalised ones (normalised = raw * scale).
     """
 
-    def __init__(self, config: CLTConfig, device: torch.device | str | None = None):
+    def __init__(self, config: CLTConfig, device: torch.device | str | None = None,
+                 on_decoder: Callable[[SourceDecoder], None] | None = None):
+        """on_decoder(decoder) runs on each source's decoder as soon as it exists, before the next is built: FSDP
+        shards it there (clt_lite.parallel.decoder_sharder), so no two decoders are ever whole on one device."""
         super().__init__()
         self.config = config
         L, d, n = config.n_layers, config.d_model, config.num_latents
@@ -210,9 +204,11 @@ class CrossLayerTranscoder(nn.Module):
         self.W_enc = nn.Parameter(torch.empty(L, n, d, **kw).uniform_(-(d**-0.5), d**-0.5))
         self.b_enc = nn.Parameter(torch.zeros(L, n, **kw))
         dec_bound = (L * d) ** -0.5
-        self.decoders = nn.ModuleList(
-            SourceDecoder(torch.empty(n, config.n_targets(s), d, **kw).uniform_(-dec_bound, dec_bound)) for s in range(L)
-        )
+        self.decoders = nn.ModuleList()
+        for s in range(L):
+            self.decoders.append(SourceDecoder(torch.empty(n, config.n_targets(s), d, **kw).uniform_(-dec_bound, dec_bound)))
+            if on_decoder is not None:
+                on_decoder(self.decoders[s])
         self.b_dec = nn.Parameter(torch.zeros(L, d, **kw))
         if config.skip_connection:
             self.W_skip = nn.Parameter(torch.zeros(L, d, d, **kw))
@@ -381,8 +377,12 @@ class CrossLayerTranscoder(nn.Module):
         atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self.config), indent=2)))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CrossLayerTranscoder:
-        """Read a folder written by save(); one-line ValueError for missing, corrupt or mismatched files."""
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+             on_decoder: Callable[[SourceDecoder], None] | None = None) -> CrossLayerTranscoder:
+        """Read a folder written by save(); one-line ValueError for missing, corrupt or mismatched files.
+
+        Tensors are read one at a time (safetensors maps the file), each decoder handed to on_decoder as soon as
+        it is loaded, as in the constructor: a sharded run never holds the whole CLT on one device or in RAM."""
         path = Path(path)
         config_path = path / CONFIG_FILE
         if not config_path.is_file():
@@ -391,24 +391,30 @@ class CrossLayerTranscoder(nn.Module):
             config = CLTConfig.from_dict(json.loads(config_path.read_text()))
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"{config_path} is not a valid CLT config ({err}); re-save the model") from err
-        tensors = _read_safetensors(path / WEIGHTS_FILE, map_location)
         with torch.device("meta"):
             model = cls(config)
-        _load_checked(model, tensors, path / WEIGHTS_FILE)
+        weights = path / WEIGHTS_FILE
+        with open_safetensors(weights, map_location) as tensors:
+            check_names(_expected_shapes(model), {k: tuple(tensors.get_slice(k).get_shape()) for k in tensors.keys()}, weights)
+            own = {_file_name(k): v for k, v in model.state_dict().items()}
+            for s, decoder in enumerate(model.decoders):
+                decoder.weight = nn.Parameter(tensors.get_tensor(f"W_dec.{s}").to(own[f"W_dec.{s}"].dtype))
+                if on_decoder is not None:
+                    on_decoder(decoder)
+            rest = {_module_name(k): tensors.get_tensor(k).to(v.dtype) for k, v in own.items() if not k.startswith("W_dec.")}
+            model.load_state_dict(rest, strict=False, assign=True)
         return model
 
 
 def _load_checked(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
     """Check names and shapes against what the config implies (one line on mismatch), then load in place."""
+    check_names(_expected_shapes(model), {k: tuple(v.shape) for k, v in tensors.items()}, source)
     own = {_file_name(k): v for k, v in model.state_dict().items()}
-    expected = {k: tuple(v.shape) for k, v in own.items()}
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{source} does not match its config: missing {missing}, unexpected {extra}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)} but the config implies {shape}")
     model.load_state_dict({_module_name(k): v.to(own[k].dtype) for k, v in tensors.items()}, assign=True)
+
+
+def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {_file_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 # Files keep the flat names ("W_dec.3") they had before the decoders became modules ("decoders.3.weight").

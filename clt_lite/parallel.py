@@ -15,6 +15,7 @@ full CLT at LLaVA-7B width becomes a matter of GPU count (clt_lite.plan sizes it
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -59,29 +60,43 @@ def setup_ranks(device_name: str) -> tuple[Ranks, torch.device, bool]:
     return Ranks(dist.get_rank(), dist.get_world_size()), device, created
 
 
+def decoder_sharder(parallel: str, ranks: Ranks, device: torch.device) -> Callable[[nn.Module], None] | None:
+    """What CrossLayerTranscoder(on_decoder=...) and .load(on_decoder=...) call on each decoder as it appears: under
+    FSDP, shard it at once (so the CLT is never whole on one device: an expansion-16 CLT at 7B width is 300 GB);
+    None otherwise. Every rank builds the same decoders (same seed, same file) and keeps its shard."""
+    if ranks.world == 1 or parallel != "fsdp":
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (ranks.world,))
+    # Each decoder is freed after its forward (reshard_after_forward) and gathered again when used: the AuxK loss
+    # and the JumpReLU penalty call the decoders' forward too, so they see whole weights.
+    return lambda decoder: fully_shard(decoder, mesh=mesh, reshard_after_forward=True)
+
+
 def wrap(clt: nn.Module, parallel: str, ranks: Ranks, device: torch.device) -> nn.Module:
     """The module the training step calls: `clt` itself on one process, a DDP wrapper, or `clt` sharded in place.
 
     Build the CLT identically on every rank first (same seed, same first batch): DDP and fully_shard both start
-    from the weights each rank holds. Build the optimizer over clt.parameters() *after* this call (FSDP replaces
-    them by sharded DTensors).
+    from the weights each rank holds; under FSDP pass decoder_sharder() to the constructor or load() so that the
+    decoders are sharded as they are built, and this call shards the rest. Build the optimizer over
+    clt.parameters() *after* this call (FSDP replaces them by sharded DTensors).
     """
     if ranks.world == 1:
         return clt
     if parallel == "ddp":
         # DDP all-reduces (averages) gradients in buckets during backward; it needs every parameter used in forward.
         return DistributedDataParallel(clt)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    mesh = init_device_mesh(device.type, (ranks.world,))
-    # Each decoder is freed after its forward (reshard_after_forward) and gathered again when used: the AuxK loss
-    # and the JumpReLU penalty call the decoders' forward too, so they see whole weights. The root unit stays
-    # gathered from forward to the end of backward (FSDP never reshards the root after forward). FSDP averages
-    # gradients over ranks with a reduce-scatter, as DDP does with its all-reduce.
+    shard = decoder_sharder(parallel, ranks, device)
     for decoder in clt.decoders:
-        fully_shard(decoder, mesh=mesh, reshard_after_forward=True)
-    fully_shard(clt, mesh=mesh)
+        if not isinstance(decoder, FSDPModule):  # not sharded while the CLT was built
+            shard(decoder)
+    # The root unit (encoder, biases) stays gathered from forward to the end of backward (FSDP never reshards the
+    # root after forward). FSDP averages gradients over ranks with a reduce-scatter, as DDP does with its all-reduce.
+    fully_shard(clt, mesh=clt.decoders[0].weight.device_mesh)
     return clt
 
 

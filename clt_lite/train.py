@@ -39,9 +39,10 @@ from tqdm.auto import tqdm
 
 from . import optim, parallel, plan
 from .choices import Optimizer, Parallel, check
-from .clt import CLTConfig, CrossLayerTranscoder, _read_safetensors
+from .clt import CLTConfig, CrossLayerTranscoder
 from .files import latest_version, write_version
 from .sources import ActivationBatch, ActivationSource  # noqa: F401  (train.ActivationBatch: the trainer's input type)
+from .tensor_files import read_safetensors
 
 
 class TrainingDiverged(ValueError):
@@ -310,9 +311,10 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
     configs = _config_dicts(clt_config, cfg)
     L, n = clt_config.n_layers, clt_config.num_latents
     ckpt = latest_checkpoint(out_dir)
+    shard = parallel.decoder_sharder(cfg.parallel, ranks, device)  # FSDP: each decoder sharded as soon as it exists
     if ckpt is None:
         torch.manual_seed(cfg.seed)
-        clt = CrossLayerTranscoder(clt_config, device=device)
+        clt = CrossLayerTranscoder(clt_config, device=device, on_decoder=shard)
         first = next(iter(source.batches(cfg.batch_size, "train", cfg.seed)))
         clt.initialize_from_batch(first.inputs.to(device), first.targets.to(device))
         clt.set_scales(source.input_scale.float(), source.target_scale.float())
@@ -321,11 +323,11 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
     else:
         state = json.loads((ckpt / "state.json").read_text())
         _check_resume(ckpt, state, configs)
-        clt = CrossLayerTranscoder.load(ckpt, map_location=device)
+        clt = CrossLayerTranscoder.load(ckpt, map_location=device, on_decoder=shard)
         if not (torch.allclose(clt.input_scale.cpu(), source.input_scale.float().cpu())
                 and torch.allclose(clt.target_scale.cpu(), source.target_scale.float().cpu())):
             raise ValueError(f"{ckpt} was trained on a source with other normalisation scales; resume on that store")
-        trainer = _read_safetensors(ckpt / "trainer.safetensors", "cpu")
+        trainer = read_safetensors(ckpt / "trainer.safetensors", "cpu")
         since_fired = trainer["since_fired"].to(device)
         torch.set_rng_state(trainer["cpu_rng"])
 
@@ -336,7 +338,8 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
     # must finish first (and FSDP writes the sharded gradients directly, so a post-accumulate-grad hook never fires).
     opt = optim.make_optimizer(cfg.optimizer, params, peak_lr, cfg.adam_betas, data_parallel=ranks.world > 1)
     if ckpt is not None:
-        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        # mmap: every rank maps the file and copies out only its shards, instead of reading the full states
+        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
         opt.load_state_dict(parallel.shard_optimizer_state(opt_state, params))
 
     start = state["step"]

@@ -309,18 +309,37 @@ def test_fsdp_resume_after_kill_on_two_and_on_one_process(tmp_path, optimizer):
 
 
 FSDP_UNITS_SCRIPT = """
-import copy, sys, torch
+import sys, torch
 torch.set_num_threads(1)
 sys.path[:0] = [{tests!r}, {repo!r}]
 from torch.distributed.fsdp import FSDPModule
 from clt_lite import parallel
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
 ranks, device, _ = parallel.setup_ranks("cpu")
+config = CLTConfig(n_layers=4, d_model=8, n_latents=16, k=4, activation="jumprelu")
 torch.manual_seed(0)
-clt = CrossLayerTranscoder(CLTConfig(n_layers=4, d_model=8, n_latents=16, k=4, activation="jumprelu"))
-reference, x = copy.deepcopy(clt), torch.randn(6, 4, 8)
+reference, x = CrossLayerTranscoder(config), torch.randn(6, 4, 8)
+shard, whole = parallel.decoder_sharder("fsdp", ranks, device), []
+
+def shard_and_count(decoder):  # the decoders built so far that are still whole (not sharded): never more than this one
+    whole.append(sum(not isinstance(d, FSDPModule) for d in [*built, decoder]))
+    shard(decoder)
+    built.append(decoder)
+
+built = []
+torch.manual_seed(0)
+clt = CrossLayerTranscoder(config, on_decoder=shard_and_count)
+assert whole == [1, 1, 1, 1], whole
 parallel.wrap(clt, "fsdp", ranks, device)
 assert all(isinstance(d, FSDPModule) for d in clt.decoders) and isinstance(clt, FSDPModule)
+for (name, p), q in zip(clt.named_parameters(), reference.parameters(), strict=True):
+    assert torch.equal(p.full_tensor(), q), name
+if ranks.rank == 0:
+    reference.save(sys.argv[1])
+parallel.dist.barrier()
+loaded = CrossLayerTranscoder.load(sys.argv[1], on_decoder=shard)  # read one tensor at a time, decoders sharded
+for (name, p), q in zip(loaded.named_parameters(), reference.parameters(), strict=True):
+    assert torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, q), name
 
 def loss(model):
     out = model(x)
@@ -339,9 +358,10 @@ parallel.dist.destroy_process_group()
 
 
 def test_fsdp_gathers_one_decoder_at_a_time_and_computes_the_same_gradients(tmp_path):
-    """Every source decoder is its own FSDP unit, freed after its forward (so only one or two are whole at once),
-    and gradients through forward, a second decoder call (AuxK) and the JumpReLU penalty match one process's."""
-    done = torchrun(tmp_path, FSDP_UNITS_SCRIPT, tmp_path)
+    """Every source decoder is its own FSDP unit, sharded as soon as it is built or loaded (with the single-process
+    values) and freed after its forward, so one or two are whole at once; gradients through forward, a second
+    decoder call (AuxK) and the JumpReLU penalty match one process's."""
+    done = torchrun(tmp_path, FSDP_UNITS_SCRIPT, tmp_path / "saved")
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
