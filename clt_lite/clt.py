@@ -170,15 +170,15 @@ class SourceDecoder(nn.Module):
         self.weight = nn.Parameter(weight)
 
     def forward(self, values: Tensor | None, indices: Tensor, norms_only: bool = False) -> Tensor:
-        """Contributions [N, n_targets, d] of latents (values, indices [N, k']) to every target, summed
+        """Contributions [N, n_targets * d] of latents (values, indices [N, k']) to every target, summed
         sparsely (embedding_bag gathers only the k' active rows); with norms_only, the decoder norms of
-        those latents [N, k'] instead (the JumpReLU penalty's weights)."""
+        those latents [N, k'] instead (the JumpReLU penalty's weights). Flat, not a view: FSDP's backward
+        hook on a module's output would be lost by an in-place op on a view of it."""
         n, n_targets, d = self.weight.shape
         flat = self.weight.reshape(n, n_targets * d)
         if norms_only:
             return flat.norm(dim=1)[indices]
-        out = F.embedding_bag(indices, flat, per_sample_weights=values.to(flat.dtype), mode="sum")
-        return out.view(-1, n_targets, d)
+        return F.embedding_bag(indices, flat, per_sample_weights=values.to(flat.dtype), mode="sum")
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -271,7 +271,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode_source(self, layer: int, values: Tensor, indices: Tensor) -> Tensor:
         """Contributions [N, n_targets(layer), d] of one source layer's latents to its targets (normalised, no bias)."""
-        return self.decoders[layer](values, indices)
+        return self.decoders[layer](values, indices).unflatten(1, self.W_dec[layer].shape[1:])
 
     # ----------------------------------------------------------------------------------- decode
     def latent_sum(self, values: Tensor, indices: Tensor) -> Tensor:
@@ -282,7 +282,8 @@ class CrossLayerTranscoder(nn.Module):
         """
         parts: list[list[Tensor]] = [[] for _ in range(self.config.n_layers)]
         for s, decoder in enumerate(self.decoders):  # through each module's forward: FSDP gathers one source at a time
-            for offset, part in enumerate(decoder(values[:, s], indices[:, s]).unbind(1)):
+            contributions = decoder(values[:, s], indices[:, s]).unflatten(1, decoder.weight.shape[1:])
+            for offset, part in enumerate(contributions.unbind(1)):
                 parts[s + offset].append(part)
         return torch.stack([sum(p) for p in parts], dim=1)
 

@@ -1,5 +1,6 @@
 """Planner arithmetic against hand-computed numbers (LLaVA-1.5-7B and the toy)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -195,17 +196,41 @@ def test_format_plan_is_readable():
     assert "fits in 131 GiB: NO" in text
 
 
-def test_planner_matches_the_measured_peak_of_training_steps():
-    """One config of benchmarks/bench_plan_memory.py: RSS growth over 2 training steps in a fresh process."""
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan_memory.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan_memory.py"
+
+
+def _bench_env() -> dict:
+    """The benchmark's worker environment (one thread, glibc mapping large tensors on their own)."""
+    spec = importlib.util.spec_from_file_location("bench_plan_memory", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return {**os.environ, **bench.WORKER_ENV}
+
+
+@pytest.mark.parametrize("optimizer, processes", [("adafactor", 1), ("adam-bf16", 2)])
+def test_planner_matches_the_measured_peak_of_training_steps(optimizer, processes):
+    """One config of benchmarks/bench_plan_memory.py: RSS growth over 2 training steps in a fresh process, and on 2
+    FSDP processes (the larger rank's) against the planner's per-GPU figure for `parallel: fsdp`."""
     layers, width, latents, batch = 8, 512, 4096, 256
-    cmd = [sys.executable, str(bench), "--worker", str(layers), str(width), str(latents), "0", str(batch), "adafactor"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd = [*launcher, str(BENCH), "--worker", str(layers), str(width), str(latents), "0", str(batch), optimizer]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_bench_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])["measured_bytes"]
     config = CLTConfig(n_layers=layers, d_model=width, n_latents=latents, k=32)
-    planned = plan(model_dims_of(config), config, "adafactor", batch_size=batch).gpu_bytes
+    p = plan(model_dims_of(config), config, optimizer, batch_size=batch, gpus=processes)
+    planned = p.gpu_bytes if processes == 1 else p.fsdp_gpu_bytes
     assert abs(measured / planned - 1) < 0.15, (measured, planned)
+
+
+def test_readme_states_the_benchmarked_planner_accuracy():
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    readme = (results.parents[1] / "README.md").read_text().replace("\n", " ")
+    for name, stated, count in (("plan-memory-cpu.json", 0.07, 12), ("plan-memory-fsdp-cpu.json", 0.10, 8)):
+        rows = json.loads((results / name).read_text())["rows"]
+        assert len(rows) == count and max(abs(r["ratio"] - 1) for r in rows) <= stated, name
+        assert f"within {stated:.0%}" in readme and f"{count} configurations" in readme
 
 
 def test_format_recipes_lists_every_recipe_and_only_the_low_memory_ones_fit_an_h200():
