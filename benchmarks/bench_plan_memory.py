@@ -3,8 +3,9 @@
 Each configuration runs in a fresh child process: it first runs one step of a tiny CLT with the same recipe
 (so torch's kernels and allocator pools are loaded), reads its resident set size, then builds the real CLT
 and runs `--steps` training steps (the trainer's loss, backward, the recipe's optimizer). The measured peak
-is ru_maxrss minus that baseline (glibc told to map large tensors on their own: WORKER_ENV); the planner's number is Plan.gpu_bytes (weights + gradients alive at once
-+ optimizer states + step temporary + batch activations). Random activations stand in for a model.
+is ru_maxrss minus that baseline (glibc told to map large tensors on their own: WORKER_ENV); the planner's
+number is Plan.gpu_bytes (weights + gradients alive at once + optimizer states + step temporary + batch
+activations). Random activations stand in for a model.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_plan_memory.py --out benchmarks/results/plan-memory-cpu.json
 

@@ -227,7 +227,7 @@ def test_planner_matches_the_measured_peak_of_training_steps(optimizer, processe
 def test_readme_states_the_benchmarked_planner_accuracy():
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     readme = (results.parents[1] / "README.md").read_text().replace("\n", " ")
-    for name, stated, count in (("plan-memory-cpu.json", 0.07, 12), ("plan-memory-fsdp-cpu.json", 0.10, 8)):
+    for name, stated, count in (("plan-memory-cpu.json", 0.08, 12), ("plan-memory-fsdp-cpu.json", 0.10, 8)):
         rows = json.loads((results / name).read_text())["rows"]
         assert len(rows) == count and max(abs(r["ratio"] - 1) for r in rows) <= stated, name
         assert f"within {stated:.0%}" in readme and f"{count} configurations" in readme
