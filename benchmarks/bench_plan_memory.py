@@ -67,7 +67,10 @@ def clt_config(layers: int, width: int, latents: int, cross_layer: int, optimize
                      dtype=recipe(optimizer).param_dtype)
 
 
-def train_steps(config: CLTConfig, optimizer: str, batch_size: int, steps: int, ranks: Ranks = Ranks(0, 1)) -> None:
+ONE_PROCESS = Ranks(0, 1)
+
+
+def train_steps(config: CLTConfig, optimizer: str, batch_size: int, steps: int, ranks: Ranks = ONE_PROCESS) -> None:
     """`steps` training steps exactly as clt_lite.train runs them (fresh run: no dead latents); with more than one
     rank, sharded as `parallel: fsdp` does, each rank taking its share of the batch."""
     torch.manual_seed(0)
