@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,9 +39,10 @@ def notebook_paths(only: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def _local_kernel_manager():
+def _local_kernel_manager(socket_dir: Path):
     """A kernel manager whose kernels talk over local IPC sockets instead of TCP (Linux and macOS):
-    nothing listens on a port, and ipykernel has no unencrypted-TCP warning to print for every notebook."""
+    nothing listens on a port, and ipykernel has no unencrypted-TCP warning to print for every notebook.
+    The sockets live in socket_dir (not the notebooks' working folder, where they would be left behind)."""
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
 
@@ -48,6 +50,10 @@ def _local_kernel_manager():
         @default("transport")
         def _default_transport(self):
             return "ipc"
+
+        @default("ip")
+        def _default_ip(self):
+            return str(socket_dir / "kernel")
 
     return LocalKernelManager
 
@@ -63,11 +69,6 @@ def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure
     progress: a line as each notebook starts and ends (its time and the figures it wrote) and a bar of
     cells done for the running one.
     """
-    import time
-
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     run_name = Path(config_path).stem
     if in_place:  # no parameters: papermill injects no cell, the committed source stays clean
         if figure_dir is not None:
@@ -83,11 +84,21 @@ def run_notebooks(config_path: str | Path, only: list[str] | None = None, figure
             parameters["figure_dir"] = figure_dir
     out_dir = ROOT / "runs" / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
     paths = notebook_paths(only)
     figures = Path(parameters.get("figure_dir", "../runs/cpu/figures"))  # in place: the notebooks' own default
     figures = figures if figures.is_absolute() else (NOTEBOOK_DIR / figures).resolve()
-    kernel_manager = _local_kernel_manager()
+    with tempfile.TemporaryDirectory(prefix="clt-lite-kernels-") as sockets:
+        return _run_each(paths, parameters, out_dir, in_place, progress, figures, _local_kernel_manager(Path(sockets)))
+
+
+def _run_each(paths: list[Path], parameters: dict, out_dir: Path, in_place: bool, progress: bool, figures: Path,
+              kernel_manager) -> list[NotebookRun]:
+    import time
+
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    runs = []
     for number, path in enumerate(paths, 1):
         start = time.time()
         output = path if in_place else out_dir / path.name

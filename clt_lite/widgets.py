@@ -13,6 +13,14 @@ from IPython.display import display
 from . import features, viz
 
 
+class _ExplorerView(w.VBox):
+    """The explorer's box. Its text repr is what a notebook shows until the cell runs again: JupyterLab 4 does not
+    redraw widgets from a notebook's saved widget state (jupyterlab/jupyterlab#15361), so say what to do."""
+
+    def __repr__(self) -> str:  # ipywidgets cuts the text form at 110 characters
+        return "[feature explorer: run the notebook's cells (Run > Run All Cells) to use it here]"
+
+
 class FeatureExplorer:
     """Pick a layer and feature -> top activations, activation over a prompt, decoder norms, steering."""
 
@@ -32,8 +40,8 @@ class FeatureExplorer:
         for control in (self.layer, self.feature):
             control.observe(lambda _: self.refresh(), names="value")
         self.scale.observe(lambda _: self.steer(), names="value")
-        self.view = w.VBox([w.HBox([self.picker, self.layer, self.feature]), self.summary, self.plots,
-                            w.HBox([self.scale, self.answer])])
+        self.view = _ExplorerView([w.HBox([self.picker, self.layer, self.feature]), self.summary, self.plots,
+                                   w.HBox([self.scale, self.answer])])
         self.refresh()
 
     def _pick(self, change) -> None:

@@ -98,6 +98,8 @@ def test_explorer_widgets_follow_their_values(tiny, setup):
     explorer.scale.value = 0.0
     assert explorer.steered == features.steered_answer(tiny, clt, sample, 1, 3, 0.0)
     assert "x0" in explorer.answer.value and explorer.steered in explorer.answer.value
+    # what a saved notebook shows in JupyterLab until the cell runs again
+    assert explorer.view._repr_mimebundle_()["text/plain"].startswith("[feature explorer: run the notebook's cells")
 
 
 def test_object_features_sit_on_the_objects_patches_in_influence_order(tiny, setup):

@@ -3,8 +3,9 @@
 Starts JupyterLab from the venv on 127.0.0.1 (a free port, a random token) over a copy of notebooks/ (so the
 browser's autosave never touches the committed ones; the copy reads the same runs/ cache), and drives Debian's
 chromium with Playwright: for each notebook, open it, Run All Cells, wait until every cell has run, fail on any
-error output, and save a screenshot to runs/ui/. In the feature explorer it picks another graph feature and
-moves the steering slider, and checks that the view changes. The server and the browser are stopped whatever
+error output, and save a screenshot to runs/ui/. Before the explorer runs, its text form must tell the learner to
+run the cells (JupyterLab 4 does not redraw saved widget state); after running, it picks another graph feature
+and moves the steering slider, and checks that the view changes. The server and the browser are stopped whatever
 happens. Prints one JSON line; exits 1 on a failure.
 """
 
@@ -98,7 +99,9 @@ def main(only: list[str] | None = None, timeout_s: float = 900) -> int:
     port, token = _free_port(), secrets.token_hex(16)
     report: dict = {"notebooks": {}, "ok": False}
     with tempfile.TemporaryDirectory(prefix="clt-lite-ui-") as workspace, open(OUT / "server.log", "w") as log:
-        shutil.copytree(ROOT / "notebooks", Path(workspace) / "notebooks")
+        (Path(workspace) / "notebooks").mkdir()
+        for notebook in (ROOT / "notebooks").glob("*.ipynb"):  # only notebooks (a killed kernel may leave sockets)
+            shutil.copy(notebook, Path(workspace) / "notebooks")
         (Path(workspace) / "runs").symlink_to(ROOT / "runs")  # ../runs/cpu from the copies is the real cache
         # Render every cell (JupyterLab 4 otherwise draws only those near the viewport), in a settings folder of
         # this run's own, so a learner's JupyterLab settings are neither read nor changed.
@@ -129,10 +132,17 @@ def main(only: list[str] | None = None, timeout_s: float = 900) -> int:
                         page.goto(f"http://127.0.0.1:{port}/lab/tree/notebooks/{path.name}?reset&token={token}")
                         page.locator(".jp-NotebookPanel").first.wait_for(timeout=120_000)
                         page.locator(".jp-KernelName", has_text="Python").first.wait_for(timeout=120_000)
+                        before_running = None
+                        if path.name.startswith("06"):  # JupyterLab 4 shows a saved widget's text form until it runs
+                            page.locator(".jp-OutputArea-output", has_text="[feature explorer: run").first.wait_for(
+                                timeout=30_000)
+                            before_running = "the explorer's text form says to run the cells"
                         _log(f"{path.name}: open, running all cells")
                         _run_all(page, timeout_s)
                         errors = page.locator(ERRORS).all_inner_texts()
                         entry = {"seconds": round(time.time() - start), "errors": [e[:300] for e in errors]}
+                        if before_running is not None:
+                            entry["before_running"] = before_running
                         if path.name.startswith("06") and not errors:
                             entry["explorer"] = _explore(page)
                         page.screenshot(path=str(OUT / f"{path.stem}.png"), full_page=True)
