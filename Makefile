@@ -10,7 +10,15 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup run lab test test-ui smoke gpu-check figures clean
 
-setup: $(STAMP)
+# JupyterLab defaults for the course (its documented overrides.json, in this venv only): code lines wrap at the
+# cell's edge instead of running off it.
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+
+setup: $(STAMP) $(LAB_OVERRIDES)
+
+$(LAB_OVERRIDES): lab/overrides.json $(STAMP)
+	mkdir -p $(dir $@)
+	cp lab/overrides.json $@
 
 # torch is installed by exact pin first: an open range would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml

@@ -137,6 +137,9 @@ def main(only: list[str] | None = None, timeout_s: float = 900) -> int:
                             page.locator(".jp-OutputArea-output", has_text="[feature explorer: run").first.wait_for(
                                 timeout=30_000)
                             before_running = "the explorer's text form says to run the cells"
+                        wrapping = page.locator(".jp-CodeCell .cm-content.cm-lineWrapping").count()
+                        if wrapping != page.locator(".jp-CodeCell .cm-content").count():
+                            raise RuntimeError(f"{path.name}: code lines do not wrap (lab/overrides.json not installed?)")
                         _log(f"{path.name}: open, running all cells")
                         _run_all(page, timeout_s)
                         errors = page.locator(ERRORS).all_inner_texts()
