@@ -109,16 +109,24 @@ def _cmd_train(args) -> dict:
     return {"out": str(args.out), "mean_fvu": mean_fvu, "mean_l0": mean_l0, **result._asdict(), "history": None}
 
 
+def _load_clt(path: Path, loaded, allow_other_model: bool):
+    """A CLT for `loaded` (models.LoadedModel): its checksum checked, and refused if trained on another model."""
+    from .clt import CrossLayerTranscoder
+
+    clt = CrossLayerTranscoder.load(path, loaded.model.device)
+    clt.check_model(loaded, allow_other=allow_other_model)
+    return clt
+
+
 def _cmd_evaluate(args) -> dict:
     from . import data, models
     from . import replacement as R
-    from .clt import CrossLayerTranscoder
 
     loaded = models.load(args.model, device=args.device)
     samples = data.parse_data_spec(args.data, "test", args.seed, loaded.world)
-    replacements = [R.Replacement("clt", CrossLayerTranscoder.load(args.clt, loaded.model.device), name="CLT")]
+    replacements = [R.Replacement("clt", _load_clt(args.clt, loaded, args.allow_other_model), name="CLT")]
     if args.plt:
-        replacements.append(R.Replacement("clt", CrossLayerTranscoder.load(args.plt, loaded.model.device), name="PLT"))
+        replacements.append(R.Replacement("clt", _load_clt(args.plt, loaded, args.allow_other_model), name="PLT"))
     means = R.mlp_out_means(loaded.model, loaded.processor, data.parse_data_spec(args.data, "train", args.seed, loaded.world))
     replacements += [R.Replacement("zero"), R.Replacement("mean", means=means)]
     rows = [R.token_match(loaded, r, samples) for r in replacements]
@@ -128,10 +136,9 @@ def _cmd_evaluate(args) -> dict:
 
 def _cmd_attribute(args) -> dict:
     from . import attribution, data, models
-    from .clt import CrossLayerTranscoder
 
     loaded = models.load(args.model, device=args.device)
-    clt = CrossLayerTranscoder.load(args.clt, loaded.model.device)
+    clt = _load_clt(args.clt, loaded, args.allow_other_model)
     if args.ground_truth:
         truth = attribution.ground_truth_hit_rate(loaded, clt, attribution.ground_truth_samples(loaded, args.ground_truth, args.seed),
                                                   max_feature_nodes=args.max_feature_nodes)
@@ -228,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="shapes:200", help="shapes:N or jsonl:PATH (test split for shapes)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--allow-other-model", action="store_true", help="use CLTs trained on another model's weights")
 
     at = command("attribute", "attribution graph of one prompt, or the ShapesWorld ground-truth check", _cmd_attribute)
     at.add_argument("--model", default="tiny-llava-shapes")
@@ -239,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--max-feature-nodes", type=int, default=4096)
     at.add_argument("--device", default="auto")
     at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--allow-other-model", action="store_true", help="use a CLT trained on another model's weights")
 
     toy = command("toy", "train or evaluate the shipped toy VLM", _cmd_toy)
     toy.add_argument("action", choices=["train", "eval"])
@@ -267,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.handler(args)
+    except KeyboardInterrupt as stop:  # Ctrl-C; the trainer has saved its state first and says how to resume
+        print(f"interrupted: {stop}" if str(stop) else "interrupted", file=sys.stderr)
+        return 130
     except Exception as error:  # every failure is one line naming what went wrong; --debug shows where
         if args.debug:
             raise

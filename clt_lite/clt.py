@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .activations import batch_topk, compact, jump_relu
 from .choices import Activation, DType, InputSite, check, names
 from .devices import DTYPES
 from .files import atomic_write
-from .tensor_files import check_names, open_safetensors
+from .tensor_files import TensorDigest, check_names, open_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "clt.safetensors"
@@ -123,43 +124,6 @@ class CLTOutput(NamedTuple):
     l0: Tensor  # [L] mean active latents per token, per layer
 
 
-class _JumpReLU(torch.autograd.Function):
-    """pre * 1[pre > threshold] with a straight-through threshold gradient.
-
-    The step function has zero gradient almost everywhere, so the threshold's gradient uses the
-    rectangle-kernel estimate of Rajamanoharan et al. (2024): d/dθ ≈ -(θ/ε) · 1[|pre - θ| < ε/2].
-    """
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad * (pre > threshold)
-        near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
-        grad_threshold = (-(threshold / eps) * near * grad).sum(0)
-        return grad_pre, grad_threshold.to(threshold.dtype), None
-
-
-def _batch_topk(acts: Tensor, k: int) -> Tensor:
-    """Keep, per layer, the B*k largest activations over the whole batch; zero the rest."""
-    batch, n_layers, n = acts.shape
-    per_layer = acts.transpose(0, 1).reshape(n_layers, batch * n)
-    kth = per_layer.topk(min(batch * k, batch * n), dim=-1).values[:, -1]
-    return acts * (acts >= kth[None, :, None])
-
-
-def _compact(dense: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense [B, L, n] activations -> (values, indices) padded to the largest active count in the batch."""
-    width = int((dense > 0).sum(-1).max().clamp(min=1))
-    return dense.topk(width, dim=-1, sorted=False)
-
-
 class SourceDecoder(nn.Module):
     """One source layer's decoder, weight [n, n_targets, d]: a module of its own so that FSDP can shard each
     source as a unit and gather one at a time (clt_lite.parallel). Use it only through forward: under FSDP
@@ -195,6 +159,7 @@ class CrossLayerTranscoder(nn.Module):
         shards it there (clt_lite.parallel.decoder_sharder), so no two decoders are ever whole on one device."""
         super().__init__()
         self.config = config
+        self.trained_on: dict[str, str] = {}  # {"model": name, "fingerprint": LoadedModel.fingerprint()}; {} unknown
         L, d, n = config.n_layers, config.d_model, config.num_latents
         kw = dict(device=device, dtype=config.torch_dtype)
         # Paper initialisation (Ameisen et al. 2025): the encoder at ±1/sqrt(d) gives pre-activations of
@@ -233,10 +198,10 @@ class CrossLayerTranscoder(nn.Module):
         if cfg.activation == "topk":
             values, indices = pre.relu().topk(cfg.k, dim=-1, sorted=False)
         elif cfg.activation == "batchtopk":
-            values, indices = _compact(_batch_topk(pre.relu(), cfg.k))
+            values, indices = compact(batch_topk(pre.relu(), cfg.k))
         else:
             threshold = self.log_threshold.exp()
-            values, indices = _compact(_JumpReLU.apply(pre, threshold, cfg.jumprelu_bandwidth))
+            values, indices = compact(jump_relu(pre, threshold, cfg.jumprelu_bandwidth))
         if cfg.post_encoder_scale:
             values = values * self.post_enc_scale.expand(x.shape[0], -1, -1).gather(-1, indices)
         return Encoding(values, indices, pre)
@@ -259,11 +224,11 @@ class CrossLayerTranscoder(nn.Module):
         if cfg.activation == "topk":
             values, indices = pre.relu().topk(cfg.k, dim=-1, sorted=False)
         elif cfg.activation == "batchtopk":
-            values, indices = _compact(_batch_topk(pre.relu()[:, None], cfg.k))
+            values, indices = compact(batch_topk(pre.relu()[:, None], cfg.k))
             values, indices = values[:, 0], indices[:, 0]
         else:
-            dense = _JumpReLU.apply(pre, self.log_threshold[layer].exp(), cfg.jumprelu_bandwidth)
-            values, indices = _compact(dense[:, None])
+            dense = jump_relu(pre, self.log_threshold[layer].exp(), cfg.jumprelu_bandwidth)
+            values, indices = compact(dense[:, None])
             values, indices = values[:, 0], indices[:, 0]
         if cfg.post_encoder_scale:
             values = values * self.post_enc_scale[layer][indices]
@@ -370,11 +335,16 @@ class CrossLayerTranscoder(nn.Module):
 
     # --------------------------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike) -> None:
-        """Write config.json and clt.safetensors (scales included) into folder `path`, each atomically."""
+        """Write config.json and clt.safetensors (scales included) into folder `path`, each atomically; the weights
+        file's metadata holds their sha256 (checked by load) and the model they were trained on (trained_on)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {_file_name(name): t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        digest = TensorDigest()
+        for name in sorted(tensors):
+            digest.update(name, tensors[name])
+        metadata = {"sha256": digest.hexdigest(), "trained_on": json.dumps(self.trained_on)}
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self.config), indent=2)))
 
     @classmethod
@@ -395,16 +365,36 @@ class CrossLayerTranscoder(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         weights = path / WEIGHTS_FILE
-        with open_safetensors(weights, map_location) as tensors:
+        with open_safetensors(weights, "cpu") as tensors:  # read on the CPU: each tensor is hashed, then moved
             check_names(_expected_shapes(model), {k: tuple(tensors.get_slice(k).get_shape()) for k in tensors.keys()}, weights)
-            own = {_file_name(k): v for k, v in model.state_dict().items()}
-            for s, decoder in enumerate(model.decoders):
-                decoder.weight = nn.Parameter(tensors.get_tensor(f"W_dec.{s}").to(own[f"W_dec.{s}"].dtype))
-                if on_decoder is not None:
-                    on_decoder(decoder)
-            rest = {_module_name(k): tensors.get_tensor(k).to(v.dtype) for k, v in own.items() if not k.startswith("W_dec.")}
+            metadata = tensors.metadata() or {}
+            own, rest, digest = {_file_name(k): v for k, v in model.state_dict().items()}, {}, TensorDigest()
+            for name in sorted(own):
+                value = tensors.get_tensor(name)
+                digest.update(name, value)
+                value = value.to(map_location, own[name].dtype)
+                if name.startswith("W_dec."):
+                    decoder = model.decoders[int(name.removeprefix("W_dec."))]
+                    decoder.weight = nn.Parameter(value)
+                    if on_decoder is not None:
+                        on_decoder(decoder)
+                else:
+                    rest[_module_name(name)] = value
             model.load_state_dict(rest, strict=False, assign=True)
+        if "sha256" in metadata and metadata["sha256"] != digest.hexdigest():  # files from before checksums have none
+            raise ValueError(f"{weights}: checksum mismatch (the weights changed after they were saved, e.g. a flipped "
+                             "byte); re-train the CLT or restore the file")
+        model.trained_on = json.loads(metadata.get("trained_on", "{}"))
         return model
+
+    def check_model(self, loaded, allow_other: bool = False) -> None:
+        """One-line ValueError when `loaded` (models.LoadedModel) is not the model this CLT was trained on, by weights
+        fingerprint; allow_other=True (CLI: --allow-other-model) uses it anyway. CLTs of unknown origin pass."""
+        if not self.trained_on or allow_other or loaded.fingerprint() == self.trained_on["fingerprint"]:
+            return
+        raise ValueError(f"this CLT was trained on {self.trained_on['model']} (weights {self.trained_on['fingerprint']}) "
+                         f"but the model is {loaded.name} (weights {loaded.fingerprint()}); pass --allow-other-model "
+                         "(allow_other=True) to use it anyway")
 
 
 def _load_checked(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:

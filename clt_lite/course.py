@@ -81,7 +81,8 @@ def train_clt(source: ActivationStore | StreamingSource, run_dir: str | Path, cl
     stream, re-runs the model to re-estimate its scales: notebooks 04-06 reload in seconds at any model size.
     """
     source_key = source.path.name if isinstance(source, ActivationStore) else source.name
-    how = {k: v for k, v in asdict(train_config).items() if k != "parallel"}  # DDP or FSDP: the same weights
+    # DDP or FSDP, checkpoints by time or not: the same weights
+    how = {k: v for k, v in asdict(train_config).items() if k not in ("parallel", "checkpoint_minutes")}
     path = cache_path(run_dir, "clt", store=source_key, clt=asdict(clt_config), train=how)
     saved = path / "result.json"
     if saved.is_file():

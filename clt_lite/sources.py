@@ -34,3 +34,5 @@ class ActivationSource(Protocol):
 
     # Optional (the streaming source has them): `device`, where the source computes, and `device_bytes(batch_size)`,
     # the bytes it keeps there while a CLT trains; the trainer's memory check adds them when the devices agree.
+    # Optional (both stores have it): `model_identity`, {"model": name, "fingerprint": weights fingerprint} of the
+    # model the activations come from; a CLT trained on them records it (CrossLayerTranscoder.trained_on).

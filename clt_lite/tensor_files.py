@@ -6,6 +6,7 @@ truncated or corrupt file is always reported the same way, naming the file.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,3 +57,17 @@ def check_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int
     for name, shape in expected.items():
         if found[name] != shape:
             raise ValueError(f"{source}: {name} has shape {found[name]} but the config implies {shape}")
+
+
+class TensorDigest:
+    """sha256 over tensors' names, dtypes, shapes and bytes, fed one tensor at a time (CPU tensors)."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+
+    def update(self, name: str, tensor: Tensor) -> None:
+        self._sha.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        self._sha.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()

@@ -24,7 +24,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -33,14 +32,13 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import optim, parallel, plan
+from . import checkpoints, optim, parallel, plan
+from .checkpoints import TrainingInterrupted, latest_checkpoint  # noqa: F401  (part of train's API)
 from .choices import Optimizer, Parallel, check
 from .clt import CLTConfig, CrossLayerTranscoder
-from .files import latest_version, write_version
 from .sources import ActivationBatch, ActivationSource  # noqa: F401  (train.ActivationBatch: the trainer's input type)
 from .tensor_files import read_safetensors
 
@@ -65,6 +63,7 @@ class TrainConfig:
     sparsity_coef: float = 1e-4  # JumpReLU only: lambda of the tanh sparsity penalty (per token)
     sparsity_c: float = 1.0  # JumpReLU only: c inside tanh(c * activation * ||W_dec||)
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end); 0: none, only the final model
+    checkpoint_minutes: float = 30.0  # also a checkpoint once this long has passed since the last (0: steps only)
     log_every: int = 10  # steps per history entry and progress-bar update
     val_batches: int | None = 16  # batches of the val split evaluated at the end; None = the whole split
     seed: int = 0  # model init and batch order
@@ -74,9 +73,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.tokens < self.batch_size or self.batch_size < 1:
             raise ValueError(f"need tokens >= batch_size >= 1, got tokens={self.tokens}, batch_size={self.batch_size}")
-        if self.checkpoint_every < 0 or self.log_every < 1:
-            raise ValueError(f"need checkpoint_every >= 0 (0: no checkpoints) and log_every >= 1, got "
-                             f"{self.checkpoint_every} and {self.log_every}")
+        if self.checkpoint_every < 0 or self.log_every < 1 or self.checkpoint_minutes < 0:
+            raise ValueError(f"need checkpoint_every >= 0 (0: no checkpoints), checkpoint_minutes >= 0 and log_every >= 1, "
+                             f"got {self.checkpoint_every}, {self.checkpoint_minutes} and {self.log_every}")
         optim.recipe(self.optimizer)
         check("parallel", self.parallel, Parallel)
         if self.parallel == "fsdp" and optim.recipe(self.optimizer).kind != "adam":
@@ -90,7 +89,7 @@ class TrainConfig:
 
 # Settings that do not change the trained weights (beyond float summation order, like the number of processes),
 # so a resume may use different values. Checkpoints are full tensors in every parallel mode.
-RESUMABLE_FIELDS = ("checkpoint_every", "log_every", "val_batches", "device", "parallel")
+RESUMABLE_FIELDS = ("checkpoint_every", "checkpoint_minutes", "log_every", "val_batches", "device", "parallel")
 
 
 class ValMetrics(NamedTuple):
@@ -219,22 +218,6 @@ def _resident_bytes(source: ActivationSource, batch_size: int, device: torch.dev
     return source.device_bytes(batch_size)
 
 
-def _check_disk(out_dir: Path, p: plan.Plan, cfg: TrainConfig) -> None:
-    """One-line ValueError, before any training, when out_dir's disk cannot take what the run will write: the final
-    model and, with checkpoints, two of them at once (a new one is complete before the old one is removed)."""
-    checkpoint = p.weight_bytes + p.optimizer_bytes
-    need = p.weight_bytes + (2 * checkpoint if cfg.checkpoint_every else 0)
-    if latest_checkpoint(out_dir) is not None:
-        need -= checkpoint  # resuming: one checkpoint is on disk already
-    folder = next(parent for parent in (out_dir.absolute(), *out_dir.absolute().parents) if parent.exists())
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        keep = "; or set checkpoint_every=0 to keep only the final model" if cfg.checkpoint_every else ""
-        raise ValueError(f"{out_dir} has {free / 1e9:,.2f} GB free but this run writes up to {need / 1e9:,.2f} GB (the "
-                         f"final model {p.weight_bytes / 1e9:,.2f} GB" + (f", two checkpoints of {checkpoint / 1e9:,.2f} GB"
-                         if cfg.checkpoint_every else "") + f"); free space or write elsewhere{keep}")
-
-
 def _device_memory(device: torch.device) -> tuple[float, str]:
     """(bytes, label) of the memory a training process may fill: the GPU's, or the machine's RAM on CPU."""
     if device.type == "cuda":
@@ -242,41 +225,9 @@ def _device_memory(device: torch.device) -> tuple[float, str]:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this machine's RAM"
 
 
-# --------------------------------------------------------------------------------- checkpoints
-CHECKPOINTS = "checkpoints"
-
-
 def _config_dicts(clt_config: CLTConfig, train_config: TrainConfig) -> dict:
     """Both configs as JSON values (tuples become lists), so saved and current ones compare equal."""
     return json.loads(json.dumps({"clt_config": asdict(clt_config), "train_config": asdict(train_config)}))
-
-
-def _save_checkpoint(out_dir: Path, step: int, clt: CrossLayerTranscoder, opt_state: dict, since_fired: Tensor,
-                     state: dict) -> Path:
-    """checkpoints/step-N, written whole and then made current by one rename (files.write_version)."""
-    def write(folder: Path) -> None:
-        clt.save(folder)
-        torch.save(opt_state, folder / "optimizer.pt")
-        save_file({"since_fired": since_fired.cpu().contiguous(), "cpu_rng": torch.get_rng_state()}, str(folder / "trainer.safetensors"))
-        (folder / "state.json").write_text(json.dumps(state))
-
-    return write_version(out_dir / CHECKPOINTS, f"step-{step:08d}", write, step=step)
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The folder of the newest complete checkpoint in out_dir, or None."""
-    return latest_version(Path(out_dir) / CHECKPOINTS)
-
-
-def _check_resume(ckpt: Path, saved: dict, current: dict) -> None:
-    """One-line ValueError when the checkpoint was made with other settings than this call."""
-    if saved["clt_config"] != current["clt_config"]:
-        diff = sorted(k for k in current["clt_config"] if saved["clt_config"].get(k) != current["clt_config"][k])
-        raise ValueError(f"{ckpt} was trained with a different CLT config (differs in {diff}); use another out_dir")
-    keys = [k for k in current["train_config"] if k not in RESUMABLE_FIELDS]
-    diff = [k for k in keys if saved["train_config"].get(k) != current["train_config"][k]]
-    if diff:
-        raise ValueError(f"{ckpt} was trained with a different TrainConfig (differs in {diff}); use another out_dir")
 
 
 # -------------------------------------------------------------------------------------- train
@@ -296,7 +247,9 @@ def train(clt_config: CLTConfig, train_config: TrainConfig, source: ActivationSo
         fitted = plan.check_fits(dims, clt_config, memory, train_config.optimizer, train_config.batch_size, ranks.world,
                                  label, train_config.parallel,
                                  _resident_bytes(source, train_config.batch_size // ranks.world, device))
-        _check_disk(Path(out_dir), fitted, train_config)
+        checkpoints.check_disk(Path(out_dir), fitted.weight_bytes, fitted.optimizer_bytes, train_config.checkpoint_every)
+        if ranks.rank == 0:  # one writer; if it refuses, torchrun stops the other ranks
+            checkpoints.claim_out_dir(Path(out_dir), _config_dicts(clt_config, train_config), RESUMABLE_FIELDS)
         return _train(clt_config, train_config, source, Path(out_dir), progress, ranks, device)
     finally:
         if created_group:
@@ -318,11 +271,12 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
         first = next(iter(source.batches(cfg.batch_size, "train", cfg.seed)))
         clt.initialize_from_batch(first.inputs.to(device), first.targets.to(device))
         clt.set_scales(source.input_scale.float(), source.target_scale.float())
+        clt.trained_on = dict(getattr(source, "model_identity", {}))  # optional in ActivationSource
         since_fired = torch.zeros(L, n, dtype=torch.long, device=device)
         state = {**configs, "step": 0, "history": [], "window": _empty_window(L), "train_seconds": 0.0}
     else:
         state = json.loads((ckpt / "state.json").read_text())
-        _check_resume(ckpt, state, configs)
+        checkpoints.check_resume(ckpt, state, configs, RESUMABLE_FIELDS)
         clt = CrossLayerTranscoder.load(ckpt, map_location=device, on_decoder=shard)
         if not (torch.allclose(clt.input_scale.cpu(), source.input_scale.float().cpu())
                 and torch.allclose(clt.target_scale.cpu(), source.target_scale.float().cpu())):
@@ -346,51 +300,62 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
     batches = islice(source.batches(cfg.batch_size, "train", cfg.seed), start, None)  # skip consumed batches
     bar = tqdm(total=cfg.steps, initial=start, desc="train CLT", unit="step", disable=not progress or ranks.rank > 0)
     window = state["window"]  # sums over the steps since the last history entry (kept in checkpoints)
-    session_start = time.perf_counter()
-    for step in range(start, cfg.steps):
-        batch = next(batches)
-        x = batch.inputs.tensor_split(ranks.world)[ranks.rank].to(device, clt.b_dec.dtype)
-        y = batch.targets.tensor_split(ranks.world)[ranks.rank].to(device, torch.float32)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, peak_lr, cfg)
+    session_start = last_saved = time.perf_counter()
+    with checkpoints.StopRequests() as stops:
+        for step in range(start, cfg.steps):
+            batch = next(batches)
+            x = batch.inputs.tensor_split(ranks.world)[ranks.rank].to(device, clt.b_dec.dtype)
+            y = batch.targets.tensor_split(ranks.world)[ranks.rank].to(device, torch.float32)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, peak_lr, cfg)
 
-        loss, fvu, out = _loss(model, clt, cfg, x, y, since_fired >= cfg.dead_tokens, batch.inputs.shape[0], ranks)
-        loss_value = ranks.sum(loss.detach().clone()).item()
-        if not math.isfinite(loss_value):
-            last = latest_checkpoint(out_dir)
-            raise TrainingDiverged(
-                f"loss became {loss_value} at step {step}; last good checkpoint: {last}; "
-                "lower lr or check the activations"
-            )
-        opt.zero_grad(set_to_none=True)
-        (loss * ranks.world).backward()  # DDP averages gradients over ranks; the global loss needs their sum
-        opt.step()
+            loss, fvu, out = _loss(model, clt, cfg, x, y, since_fired >= cfg.dead_tokens, batch.inputs.shape[0], ranks)
+            loss_value = ranks.sum(loss.detach().clone()).item()
+            if not math.isfinite(loss_value):
+                last = latest_checkpoint(out_dir)
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {step}; last good checkpoint: {last}; "
+                    "lower lr or check the activations"
+                )
+            opt.zero_grad(set_to_none=True)
+            (loss * ranks.world).backward()  # DDP averages gradients over ranks; the global loss needs their sum
+            opt.step()
 
-        fired = ranks.sum(_fired_counts(out.values.detach(), out.indices, n)) > 0
-        since_fired = torch.where(fired, 0, since_fired + batch.inputs.shape[0])
-        window["loss"] += loss_value
-        window["fvu"] = [a + b for a, b in zip(window["fvu"], ranks.sum(fvu.detach().clone()).tolist())]
-        window["l0"] += ranks.sum(out.l0.mean().detach().clone()).item() / ranks.world
-        window["steps"] += 1
-        bar.update(1)
+            fired = ranks.sum(_fired_counts(out.values.detach(), out.indices, n)) > 0
+            since_fired = torch.where(fired, 0, since_fired + batch.inputs.shape[0])
+            window["loss"] += loss_value
+            window["fvu"] = [a + b for a, b in zip(window["fvu"], ranks.sum(fvu.detach().clone()).tolist())]
+            window["l0"] += ranks.sum(out.l0.mean().detach().clone()).item() / ranks.world
+            window["steps"] += 1
+            bar.update(1)
 
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            steps = window["steps"]
-            state["history"].append({
-                "step": done, "tokens": done * cfg.batch_size, "loss": window["loss"] / steps,
-                "lr": lr_at(step, peak_lr, cfg), "fvu": [f / steps for f in window["fvu"]], "l0": window["l0"] / steps,
-            })
-            bar.set_postfix(loss=f"{window['loss'] / steps:.4f}")
-            window = state["window"] = _empty_window(L)
-        if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            state["step"] = done
-            state["train_seconds"] += time.perf_counter() - session_start
-            session_start = time.perf_counter()
-            if cfg.checkpoint_every:
-                full_clt, opt_state = parallel.full_model(clt, ranks), parallel.full_state(opt.state_dict(), ranks)
-                if ranks.rank == 0:
-                    _save_checkpoint(out_dir, done, full_clt, opt_state, since_fired, state)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                steps = window["steps"]
+                state["history"].append({
+                    "step": done, "tokens": done * cfg.batch_size, "loss": window["loss"] / steps,
+                    "lr": lr_at(step, peak_lr, cfg), "fvu": [f / steps for f in window["fvu"]], "l0": window["l0"] / steps,
+                })
+                bar.set_postfix(loss=f"{window['loss'] / steps:.4f}")
+                window = state["window"] = _empty_window(L)
+            # Ctrl-C / SIGTERM and the time interval: every rank must agree, or the collectives below would hang.
+            timed = bool(cfg.checkpoint_every and cfg.checkpoint_minutes) and \
+                time.perf_counter() - last_saved >= 60 * cfg.checkpoint_minutes
+            flags = ranks.sum(torch.tensor([float(stops.requested), float(timed)], device=device))
+            stop, timed = bool(flags[0]), bool(flags[1])
+            if done == cfg.steps or stop or timed or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                state["step"] = done
+                state["train_seconds"] += time.perf_counter() - session_start
+                session_start = last_saved = time.perf_counter()
+                if cfg.checkpoint_every:
+                    full_clt, opt_state = parallel.full_model(clt, ranks), parallel.full_state(opt.state_dict(), ranks)
+                    if ranks.rank == 0:
+                        checkpoints.save_checkpoint(out_dir, done, full_clt, opt_state, since_fired, state)
+                if stop and done < cfg.steps:
+                    bar.close()
+                    raise checkpoints.TrainingInterrupted(
+                        f"stopped at step {done} of {cfg.steps}; " + (f"checkpoint in {out_dir}: rerun the same command to "
+                        "resume" if cfg.checkpoint_every else "checkpoint_every=0, so nothing was saved: a rerun starts over"))
     bar.close()
 
     full_clt = parallel.full_model(clt, ranks)

@@ -171,7 +171,7 @@ def test_a_disk_too_small_for_the_checkpoints_fails_before_training(tmp_path, mo
     cfg = TrainConfig(tokens=64 * 2, checkpoint_every=1, **FAST)
     weights = 4 * sum(p.numel() for p in CrossLayerTranscoder(CLT).parameters())
     free = weights + 2 * weights  # the final model fits, two checkpoints of weights + Adam states (3 x weights) do not
-    monkeypatch.setattr("clt_lite.train.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free))
+    monkeypatch.setattr("clt_lite.checkpoints.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free))
     pattern = (r"^\S+ has 0\.00 GB free but this run writes up to 0\.0\d GB \(the final model 0\.00 GB, two "
                r"checkpoints of 0\.0\d GB\); free space or write elsewhere; or set checkpoint_every=0 to keep only the final model$")
     with pytest.raises(ValueError, match=pattern):

@@ -173,7 +173,8 @@ def _open_manifest(out: Path, args: dict, loaded: LoadedModel, layers: list[int]
         raise ValueError(f"{out} is not empty and holds no {MANIFEST}; capture into a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
-        "format": FORMAT, "clt_lite_version": __version__, "model": loaded.name, "model_layers": loaded.n_layers,
+        "format": FORMAT, "clt_lite_version": __version__, "model": loaded.name, "model_fingerprint": loaded.fingerprint(),
+        "model_layers": loaded.n_layers,
         "layers": layers, "d_model": loaded.d_model, "sites": list(config.sites), "input_sites": list(config.input_sites),
         "target_site": TARGET_SITE, "dtype": config.dtype, "bytes_per_token": per_token,
         "samples_per_shard": shard_samples, "args": args, "complete": False, "shards": [],

@@ -59,6 +59,9 @@ class ActivationStore:
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest_path} is not a clt-lite activation store (format {self.manifest.get('format')!r})")
+        # The model the activations came from (stores captured before fingerprints were recorded: unknown, {}).
+        self.model_identity = ({"model": self.manifest["model"], "fingerprint": self.manifest["model_fingerprint"]}
+                               if "model_fingerprint" in self.manifest else {})
         if not self.manifest["complete"]:
             raise ValueError(f"the capture in {self.path} is incomplete ({len(self.manifest['shards'])} shards); "
                              "rerun the same capture command to finish it")

@@ -90,6 +90,11 @@ class StreamingSource:
         return self.loaded.d_model
 
     @property
+    def model_identity(self) -> dict[str, str]:
+        """The model the activations come from: name and weights fingerprint (what a CLT trained on them records)."""
+        return {"model": self.loaded.name, "fingerprint": self.loaded.fingerprint()}
+
+    @property
     def input_site(self) -> str:
         return self.config.input_sites[0]
 
