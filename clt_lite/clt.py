@@ -56,6 +56,10 @@ class CLTConfig:
     dtype: DType = "float32"  # parameter dtype: "float32", "bfloat16" or "float16"
 
     def __post_init__(self) -> None:
+        counts = ("n_layers", "d_model", "n_latents", "expansion_factor", "k", "cross_layer")
+        wrong = [f"{name}={getattr(self, name)!r}" for name in counts if type(getattr(self, name)) is not int]
+        if wrong:
+            raise ValueError(f"CLTConfig sizes must be whole numbers, got {', '.join(wrong)}")
         if self.n_layers < 1 or self.d_model < 1:
             raise ValueError(f"n_layers and d_model must be >= 1, got {self.n_layers} and {self.d_model}")
         if self.n_latents < 0 or (self.n_latents == 0 and self.expansion_factor < 1):

@@ -244,6 +244,9 @@ def load_image(path: str | Path) -> Image.Image:
                 background.paste(image, mask=image.getchannel("A"))
                 return background
             return image.convert("RGB")
+    except Image.DecompressionBombError:  # PIL refuses to even open images this large (a decompression bomb?)
+        raise ValueError(f"image {path} is over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; downscale it first (LLaVA sees "
+                         "336x336 anyway)") from None
     except (OSError, SyntaxError) as error:
         raise ValueError(f"image {path} is corrupt or not an image ({error}); replace or remove it") from None
 
@@ -265,9 +268,15 @@ def load_jsonl(path: str | Path) -> list[Sample]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected an object with image, prompt, answer; got {type(record).__name__}")
         missing = [key for key in ("image", "prompt", "answer") if key not in record]
         if missing:
             raise ValueError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; each line needs image, prompt, answer")
+        wrong = [key for key in ("image", "prompt") if not isinstance(record[key], str) or not record[key]]
+        if wrong or not isinstance(record["answer"], (str, int, float)):
+            raise ValueError(f"{path}:{lineno}: {', '.join(wrong) or 'answer'} must be a non-empty string (image: a path "
+                             "relative to the file)")
         try:
             image = load_image(path.parent / record["image"])
         except (FileNotFoundError, ValueError) as error:

@@ -23,7 +23,10 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config {path} does not exist; see configs/ for the shipped ones")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"config {path} is not valid YAML ({str(error).splitlines()[0]}); compare it with configs/cpu.yaml") from None
     if not isinstance(config, dict):
         raise ValueError(f"config {path} must be a mapping of parameter: value")
     return config

@@ -49,6 +49,19 @@ def open_safetensors(path: Path, device: str | torch.device) -> Iterator:
         yield handle
 
 
+def load_torch_tensors(path: Path, **kwargs):
+    """torch.load(path, weights_only=True) (tensors and plain containers only, never arbitrary objects), with a one-line
+    ValueError when the file is missing, corrupt, or holds other pickled objects, instead of torch's advice to
+    pass weights_only=False (which would run whatever the file contains)."""
+    _check_exists(path)
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for corrupt archives
+        kind = "holds objects other than tensors" if "weights_only" in str(err) else "is not a readable torch file"
+        raise ValueError(f"{path} {kind}; refusing to load it (nothing is unpickled): restore it from the run that "
+                         "wrote it, or delete the checkpoint to start over") from None
+
+
 def check_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: Path) -> None:
     """One-line ValueError when a file's tensor names or shapes are not the expected ones."""
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))

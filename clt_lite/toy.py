@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import data
 from .devices import resolve_device
 from .files import latest_version, write_json, write_version
+from .tensor_files import load_torch_tensors
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny-llava-shapes"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")  # ids 0..4, in this order
@@ -198,7 +199,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
             raise ValueError(f"{checkpoint} was made with another ToyConfig; use a new --out or delete it")
         model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)))
         cell_head.load_state_dict(load_file(checkpoint / "cell_head.safetensors", device=str(device)))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device))
+        optimizer.load_state_dict(load_torch_tensors(checkpoint / "optimizer.pt", map_location=device))
         step, curve = state["step"], state["curve"]
     validation = eval_set(config.eval_per_family, "val", config.seed)
     original_attention = model.config._attn_implementation

@@ -40,7 +40,7 @@ from .checkpoints import TrainingInterrupted, latest_checkpoint  # noqa: F401  (
 from .choices import Optimizer, Parallel, check
 from .clt import CLTConfig, CrossLayerTranscoder
 from .sources import ActivationBatch, ActivationSource  # noqa: F401  (train.ActivationBatch: the trainer's input type)
-from .tensor_files import read_safetensors
+from .tensor_files import load_torch_tensors, read_safetensors
 
 
 class TrainingDiverged(ValueError):
@@ -293,7 +293,7 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
     opt = optim.make_optimizer(cfg.optimizer, params, peak_lr, cfg.adam_betas, data_parallel=ranks.world > 1)
     if ckpt is not None:
         # mmap: every rank maps the file and copies out only its shards, instead of reading the full states
-        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+        opt_state = load_torch_tensors(ckpt / "optimizer.pt", map_location="cpu", mmap=True)
         opt.load_state_dict(parallel.shard_optimizer_state(opt_state, params))
 
     start = state["step"]

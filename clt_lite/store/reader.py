@@ -56,7 +56,11 @@ class ActivationStore:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise ValueError(f"{self.path} has no {MANIFEST}; capture activations into it first (clt_lite.store.capture)")
-        self.manifest = json.loads(manifest_path.read_text())
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{manifest_path} is not valid JSON ({error.msg}); the capture was damaged: capture again "
+                             "into a new folder") from None
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest_path} is not a clt-lite activation store (format {self.manifest.get('format')!r})")
         # The model the activations came from (stores captured before fingerprints were recorded: unknown, {}).
