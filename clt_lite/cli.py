@@ -83,11 +83,11 @@ def _stream_resident_bytes(model: str, dims, batch_size: int) -> int:
 
 
 def _cmd_capture(args) -> dict:
-    from . import data, models
+    from . import datasets, models
     from .store import CaptureConfig, capture
 
     loaded = models.load(args.model, device=args.device)
-    samples = data.parse_data_spec(args.data, "train", args.seed, loaded.world)
+    samples = datasets.parse_data_spec(args.data, "train", args.seed, loaded.world)
     config = CaptureConfig(dtype=args.dtype, max_tokens=args.tokens, input_sites=tuple(args.input_sites))
     summary = capture(loaded, samples, args.out, config,
                       data_id=f"{args.data}:seed{args.seed}", progress=not args.json)
@@ -119,15 +119,15 @@ def _load_clt(path: Path, loaded, allow_other_model: bool):
 
 
 def _cmd_evaluate(args) -> dict:
-    from . import data, models
+    from . import datasets, models
     from . import replacement as R
 
     loaded = models.load(args.model, device=args.device)
-    samples = data.parse_data_spec(args.data, "test", args.seed, loaded.world)
+    samples = datasets.parse_data_spec(args.data, "test", args.seed, loaded.world)
     replacements = [R.Replacement("clt", _load_clt(args.clt, loaded, args.allow_other_model), name="CLT")]
     if args.plt:
         replacements.append(R.Replacement("clt", _load_clt(args.plt, loaded, args.allow_other_model), name="PLT"))
-    means = R.mlp_out_means(loaded.model, loaded.processor, data.parse_data_spec(args.data, "train", args.seed, loaded.world))
+    means = R.mlp_out_means(loaded.model, loaded.processor, datasets.parse_data_spec(args.data, "train", args.seed, loaded.world))
     replacements += [R.Replacement("zero"), R.Replacement("mean", means=means)]
     rows = [R.token_match(loaded, r, samples) for r in replacements]
     print(R.format_table(rows))
@@ -135,7 +135,7 @@ def _cmd_evaluate(args) -> dict:
 
 
 def _cmd_attribute(args) -> dict:
-    from . import attribution, data, models
+    from . import attribution, data, datasets, models
 
     loaded = models.load(args.model, device=args.device)
     clt = _load_clt(args.clt, loaded, args.allow_other_model)
@@ -148,7 +148,7 @@ def _cmd_attribute(args) -> dict:
                 "per_family": {f: h._asdict() for f, h in truth.per_family.items()}}
     if not (args.image and args.prompt and args.out):
         raise ValueError("give --image PATH --prompt TEXT --out FILE.json, or --ground-truth N")
-    sample = data.Sample(data.load_image(args.image), args.prompt, "", "user")
+    sample = data.Sample(datasets.load_image(args.image), args.prompt, "", "user")
     graph = attribution.attribute(loaded, clt, sample, max_feature_nodes=args.max_feature_nodes)
     exported = attribution.export_json(graph, args.out)
     scores = attribution.graph_scores(graph)

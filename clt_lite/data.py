@@ -7,7 +7,6 @@ question is about. That ground truth is what later lets us check attribution gra
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -36,7 +35,6 @@ POSITIONS = (  # cell index (row-major on a 3x3 grid) -> name used in questions
 )
 FAMILIES = ("colour", "shape", "count", "exists", "describe")
 SPLITS = ("train", "val", "test")
-MAX_IMAGE_PIXELS = 40_000_000  # refuse larger images: they are almost surely a mistake
 
 
 @dataclass(frozen=True)
@@ -223,70 +221,6 @@ def shapes_sample(index: int, split: str = "train", seed: int = 0, world: WorldC
     return make_sample(random.Random(f"shapesworld:{split}:{seed}:{index}"), world, family)
 
 
-# ---------------------------------------------------------------- user data (JSONL)
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; grayscale/RGBA/palette are converted, broken files refused."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image {path} does not exist; check the path in your dataset")
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(
-                    f"image {path} is {image.width}x{image.height}, over {MAX_IMAGE_PIXELS:,} pixels; "
-                    "downscale it first (LLaVA sees 336x336 anyway)"
-                )
-            image.load()
-            if image.mode == "RGBA":  # composite on white so transparent areas don't turn black
-                background = Image.new("RGB", image.size, (255, 255, 255))
-                background.paste(image, mask=image.getchannel("A"))
-                return background
-            return image.convert("RGB")
-    except Image.DecompressionBombError:  # PIL refuses to even open images this large (a decompression bomb?)
-        raise ValueError(f"image {path} is over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; downscale it first (LLaVA sees "
-                         "336x336 anyway)") from None
-    except (OSError, SyntaxError) as error:
-        raise ValueError(f"image {path} is corrupt or not an image ({error}); replace or remove it") from None
-
-
-def load_jsonl(path: str | Path) -> list[Sample]:
-    """Read {"image": path, "prompt": text, "answer": text} lines (image paths relative to the file).
-
-    "prompt" is the question; it is wrapped in the chat format unless it already contains
-    the <image> token. Errors name the file and line.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset {path} does not exist")
-    samples = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected an object with image, prompt, answer; got {type(record).__name__}")
-        missing = [key for key in ("image", "prompt", "answer") if key not in record]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; each line needs image, prompt, answer")
-        wrong = [key for key in ("image", "prompt") if not isinstance(record[key], str) or not record[key]]
-        if wrong or not isinstance(record["answer"], (str, int, float)):
-            raise ValueError(f"{path}:{lineno}: {', '.join(wrong) or 'answer'} must be a non-empty string (image: a path "
-                             "relative to the file)")
-        try:
-            image = load_image(path.parent / record["image"])
-        except (FileNotFoundError, ValueError) as error:
-            raise ValueError(f"{path}:{lineno}: {error}") from None
-        samples.append(Sample(image, record["prompt"], str(record["answer"]), record.get("family", "jsonl")))
-    if not samples:
-        raise ValueError(f"dataset {path} has no samples")
-    return samples
-
-
 def sample_prompt(sample: Sample) -> str:
     """The chat prompt of a sample (user prompts that already hold <image> are kept as is)."""
     return sample.question if "<image>" in sample.question else chat_prompt(sample.question)
@@ -310,16 +244,6 @@ def bundled_photos() -> dict[str, Path]:
             if found.name in names:
                 photos[found.stem] = found
     return {name: path for name, path in sorted(photos.items()) if path.exists()}
-
-
-def parse_data_spec(spec: str, split: str = "train", seed: int = 0, world: WorldConfig = WorldConfig()) -> list[Sample]:
-    """'shapes:N' (rendered with `world`: pass the model's, `LoadedModel.world`) or 'jsonl:PATH' as used on the command line."""
-    kind, _, value = spec.partition(":")
-    if kind == "shapes" and value.isdigit() and int(value) > 0:
-        return shapes_world(int(value), split, seed, world)
-    if kind == "jsonl" and value:
-        return load_jsonl(value)
-    raise ValueError(f"bad data spec {spec!r}; use shapes:N (N > 0) or jsonl:PATH")
 
 
 def vocabulary() -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clt_lite import cli, data, models, plan
+from clt_lite import cli, datasets, models, plan
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
 from clt_lite.store import ActivationStore
 from clt_lite.train import TrainConfig, train
@@ -224,7 +224,7 @@ API_CASES = [
      "holds objects other than tensors; refusing to load it (nothing is unpickled)"),
     ("plan_config_of_another_model", lambda m, t: plan.plan(plan.model_dims("llava-1.5-7b"), CLTConfig(4, 8)),
      "config is 4 x 8 but llava-1.5-7b is 32 x 4096"),
-    ("data_spec_not_a_number", lambda m, t: data.parse_data_spec("shapes:abc"), "bad data spec 'shapes:abc'"),
+    ("data_spec_not_a_number", lambda m, t: datasets.parse_data_spec("shapes:abc"), "bad data spec 'shapes:abc'"),
 ]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clt_lite import data
+from clt_lite import data, datasets
 
 
 def test_samples_are_deterministic_and_splits_differ():
@@ -80,7 +80,7 @@ def _write(path, lines):
 def test_jsonl_loads_and_converts_modes(tmp_path):
     Image.new("L", (20, 10)).save(tmp_path / "gray.png")
     Image.new("RGBA", (10, 10), (255, 0, 0, 0)).save(tmp_path / "clear.png")
-    samples = data.load_jsonl(_write(tmp_path / "d.jsonl", [
+    samples = datasets.load_jsonl(_write(tmp_path / "d.jsonl", [
         {"image": "gray.png", "prompt": "What is it?", "answer": "dark"},
         {"image": "clear.png", "prompt": "USER: <image>\nColour? ASSISTANT:", "answer": "white"},
     ]))
@@ -101,27 +101,27 @@ def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     path = _write(tmp_path / "d.jsonl", [{"image": "ok.png", "prompt": "p", "answer": "a"}, line])
     with pytest.raises(ValueError) as error:
-        data.load_jsonl(path)
+        datasets.load_jsonl(path)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_huge_images_are_refused(tmp_path, monkeypatch):
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 5000)
+    monkeypatch.setattr(datasets, "MAX_IMAGE_PIXELS", 5000)
     with pytest.raises(ValueError, match="downscale it first"):
-        data.load_image(tmp_path / "big.png")
+        datasets.load_image(tmp_path / "big.png")
 
 
 def test_data_spec_parsing():
-    assert len(data.parse_data_spec("shapes:3")) == 3
+    assert len(datasets.parse_data_spec("shapes:3")) == 3
     with pytest.raises(ValueError, match="use shapes:N"):
-        data.parse_data_spec("shapes:zero")
+        datasets.parse_data_spec("shapes:zero")
 
 
 def test_bundled_photos_include_grace_hopper():
     photos = data.bundled_photos()
     assert "grace_hopper" in photos
-    assert data.load_image(photos["grace_hopper"]).mode == "RGB"
+    assert datasets.load_image(photos["grace_hopper"]).mode == "RGB"
 
 
 def test_prompt_longer_than_context_is_refused(tiny):
@@ -129,3 +129,17 @@ def test_prompt_longer_than_context_is_refused(tiny):
     sample.question = "What color is the circle ? " * 60
     with pytest.raises(ValueError, match="longer than the model's context"):
         data.encode_batch(tiny.processor, [sample], with_answers=True, max_length=256)
+
+
+def test_data_specs_are_lazy_so_a_huge_n_starts_at_once(tmp_path):
+    """shapes:N renders a sample when it is read; jsonl:PATH parses a line when it is read (errors name the line)."""
+    huge = datasets.parse_data_spec("shapes:1000000000", "train", seed=3)
+    assert len(huge) == 10**9 and huge[7] == data.shapes_sample(7, "train", 3) and len(huge[2:5]) == 3
+    lines = [{"image": "a.png", "prompt": "What?", "answer": "red"}, "broken"]
+    data.shapes_world(1)[0].image.save(tmp_path / "a.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n")
+    lazy = datasets.parse_data_spec(f"jsonl:{path}")
+    assert len(lazy) == 2 and lazy[0].answer == "red"
+    with pytest.raises(ValueError, match=r"d.jsonl:3: expected an object"):
+        lazy[1]

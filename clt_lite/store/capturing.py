@@ -204,9 +204,13 @@ def _capture_shard(loaded: LoadedModel, samples: list[Sample], first_index: int,
                    config: CaptureConfig, remaining: int | None) -> TokenChunk:
     """Forward the shard's samples in batches (starting at its first sample) and keep up to `remaining` tokens."""
     dtype = STORE_DTYPES[config.dtype]
-    chunks = [forward_tokens(loaded, samples[i:i + config.batch_size], first_index + i, layers, config.sites,
-                             config.kinds, "cpu", dtype)
-              for i in range(0, len(samples), config.batch_size)]
+    chunks, kept = [], 0
+    for i in range(0, len(samples), config.batch_size):
+        if remaining is not None and kept >= remaining:  # the token budget is met: forward no more of the shard
+            break
+        chunks.append(forward_tokens(loaded, samples[i:i + config.batch_size], first_index + i, layers, config.sites,
+                                     config.kinds, "cpu", dtype))
+        kept += len(chunks[-1].bos)
     joined = TokenChunk({s: torch.cat([c.acts[s] for c in chunks]) for s in config.sites},
                         *(torch.cat([getattr(c, f) for c in chunks]) for f in META_FIELDS))
     if remaining is None:
