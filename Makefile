@@ -8,7 +8,7 @@ CONFIG ?= configs/cpu.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run lab test test-ui smoke gpu-check figures clean
+.PHONY: setup run lab test test-interrupts test-ui smoke gpu-check figures clean
 
 # JupyterLab defaults for the course (its documented overrides.json, in this venv only): code lines wrap at the
 # cell's edge instead of running off it.
@@ -43,8 +43,12 @@ lab: setup
 
 test: setup
 	$(PY) -m ruff check clt_lite tests benchmarks notebooks
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+	$(PY) -m pytest tests notebooks -m "not interrupts" --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout 1800
+
+# SIGINT and SIGKILL (ten random moments each) on train, capture and the toy's training; resumes must be exact (~3 min).
+test-interrupts: setup
+	$(PY) -m pytest tests/test_interrupts.py -m interrupts
 
 # JupyterLab in a real browser: Playwright drives Debian's chromium (installed here when missing; Playwright's own
 # browser download cannot work offline). Every notebook is run with Run All Cells on a copy, screenshots go to

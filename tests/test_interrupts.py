@@ -1,9 +1,13 @@
-"""Interrupted training keeps its work: Ctrl-C writes a checkpoint and stops in one line; SIGKILL at random moments,
-again and again, loses at most the steps since the last checkpoint; every resumed run ends bit-identical (CPU) to an
-uninterrupted one. The CLI runs in child processes, as a user runs it."""
+"""Interrupted work is kept: Ctrl-C on `train` writes a checkpoint and stops in one line; SIGKILL at ten random moments,
+again and again, of `train`, `capture` and the toy's training loses at most the work since the last checkpoint or
+shard, and each resumed run ends bit-identical (CPU) to an uninterrupted one. Child processes, as a user runs them.
+
+About three minutes, so outside `make test`: `make test-interrupts` (CI runs it).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -18,6 +22,8 @@ import torch
 from clt_lite import cli
 from clt_lite.clt import CrossLayerTranscoder
 from clt_lite.train import latest_checkpoint
+
+pytestmark = pytest.mark.interrupts
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -68,20 +74,71 @@ def test_ctrl_c_saves_a_checkpoint_says_so_in_one_line_and_the_rerun_finishes_id
     _assert_identical(tmp_path / "whole", tmp_path / "run")
 
 
-def test_sigkill_at_ten_random_moments_then_resume_is_bit_identical(store, tmp_path):
-    steps, every, rng, kills = 2000, 25, random.Random(0), []
-    while True:
-        run = subprocess.Popen(_train_cmd(store, tmp_path / "run", steps, every), env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-        if len(kills) == 10:
-            assert run.wait(timeout=300) == 0
-            break
-        _wait_for(tmp_path / "run" / "run.json", run)
-        time.sleep(rng.uniform(0.3, 1.5))  # somewhere in start-up, a step, or a checkpoint being written
+def _kill_loop(cmd: list[str], progress, seed: int, delays: tuple[float, float]) -> list:
+    """Start `cmd` and SIGKILL it `delays` seconds (uniform) after its start, ten times; then let it finish. The delays
+    span start-up (Python and torch take about 3 s) and the work. Returns progress() after each kill."""
+    rng, seen = random.Random(seed), []
+    for _ in range(10):
+        run = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(*delays))  # in start-up, in a step or forward pass, or while a checkpoint is written
         run.kill()
         run.wait()
+        seen.append(progress())
+    assert subprocess.run(cmd, env=ENV, capture_output=True, timeout=600).returncode == 0
+    assert seen == sorted(seen), seen  # no kill ever lost work already written
+    assert len(set(seen)) >= 3, seen  # the kills fell at several points of the work, not all before or after it
+    return seen
+
+
+def test_train_killed_at_ten_random_moments_resumes_bit_identical(store, tmp_path):
+    steps, every = 3000, 25
+
+    def step() -> int:
         last = latest_checkpoint(tmp_path / "run")
-        kills.append(int(last.name.removeprefix("step-")) if last else 0)
-    assert len(kills) == 10 and kills == sorted(kills), kills  # no kill ever lost a checkpoint already written
+        return int(last.name.removeprefix("step-")) if last else 0
+
+    _kill_loop(_train_cmd(store, tmp_path / "run", steps, every), step, 0, (2.5, 5.0))
     assert subprocess.run(_train_cmd(store, tmp_path / "whole", steps, every), env=ENV, capture_output=True).returncode == 0
     _assert_identical(tmp_path / "whole", tmp_path / "run")
+
+
+CAPTURE = """
+import sys
+from clt_lite import data, models
+from clt_lite.store import CaptureConfig, capture
+loaded = models.load("random:tiny", device="cpu")
+capture(loaded, data.shapes_world(600, "train", 0, loaded.world), sys.argv[1], CaptureConfig(samples_per_shard=4),
+        data_id="shapes:600", progress=False)
+"""
+
+
+def test_capture_killed_at_ten_random_moments_resumes_byte_identical(tmp_path):
+    script = tmp_path / "capture.py"
+    script.write_text(CAPTURE)
+    manifest = tmp_path / "run" / "manifest.json"
+    shards = lambda: len(json.loads(manifest.read_text())["shards"]) if manifest.exists() else 0  # noqa: E731
+    _kill_loop([sys.executable, str(script), str(tmp_path / "run")], shards, 1, (3.0, 6.0))
+    assert subprocess.run([sys.executable, str(script), str(tmp_path / "whole")], env=ENV).returncode == 0
+    for path in sorted((tmp_path / "whole").iterdir()):
+        assert path.read_bytes() == (tmp_path / "run" / path.name).read_bytes(), path.name
+
+
+TOY = """
+import sys
+from clt_lite.toy import ToyConfig, train
+train(ToyConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, vision_width=32, vision_layers=1, steps=600, batch_size=4,
+                warmup=4, eval_every=4, eval_per_family=2), sys.argv[1], device="cpu", progress=False)
+"""
+
+
+def test_toy_training_killed_at_ten_random_moments_resumes_bit_identical(tmp_path):
+    from clt_lite.files import latest_version
+
+    script = tmp_path / "toy.py"
+    script.write_text(TOY)
+    step = lambda: json.loads((latest_version(tmp_path / "run" / "checkpoint") / "state.json").read_text())["step"] \
+        if latest_version(tmp_path / "run" / "checkpoint") else 0  # noqa: E731
+    _kill_loop([sys.executable, str(script), str(tmp_path / "run")], step, 2, (3.0, 6.0))
+    assert subprocess.run([sys.executable, str(script), str(tmp_path / "whole")], env=ENV).returncode == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
