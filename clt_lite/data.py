@@ -222,8 +222,14 @@ def shapes_sample(index: int, split: str = "train", seed: int = 0, world: WorldC
 
 
 def sample_prompt(sample: Sample) -> str:
-    """The chat prompt of a sample (user prompts that already hold <image> are kept as is)."""
-    return sample.question if "<image>" in sample.question else chat_prompt(sample.question)
+    """The chat prompt of a sample (user prompts that already hold <image> are kept as is; a chat prompt without
+    <image> is refused rather than wrapped in the chat format a second time)."""
+    if "<image>" in sample.question:
+        return sample.question
+    if "ASSISTANT:" in sample.question:
+        raise ValueError(f"prompt {sample.question[:60]!r} is in the chat format but has no <image>; put <image> where the "
+                         "image goes, or give only the question")
+    return chat_prompt(sample.question)
 
 
 def bundled_photos() -> dict[str, Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -166,7 +167,15 @@ def load(name: str = TOY_NAME, device: str = "auto", dtype: str | torch.dtype = 
         try:  # a local copy first: offline, the hub client would retry for minutes
             processor = AutoProcessor.from_pretrained(source, local_files_only=True)
             model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
-        except OSError:
+        except OSError as error:
+            if Path(source).is_dir():  # a local folder: the hub has nothing to do with it
+                folder = Path(source)
+                missing = [what for what, found in (
+                    ("model weights (model*.safetensors)", any(folder.glob("model*.safetensors"))),
+                    ("the processor's files (processor_config.json, tokenizer)", any(folder.glob("*processor_config.json"))),
+                ) if not found] or [str(error).splitlines()[0]]
+                raise OSError(f"cannot load the model folder {source}: missing {' and '.join(missing)}; save the model and "
+                              "its processor there with save_pretrained") from None
             if not _hub_reachable():
                 raise OSError(
                     f"cannot load {name!r}: no local copy and the model hub is unreachable; download it where there is "
@@ -196,8 +205,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _resolve_source(name: str) -> str:
     """A folder path for local models; hub ids pass through unchanged."""
-    from pathlib import Path
-
 
     if name == TOY_NAME:
         if not (ASSET_DIR / "config.json").exists():

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clt_lite import cli, datasets, models, plan
+from clt_lite import cli, data, datasets, models, plan
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
 from clt_lite.store import ActivationStore
 from clt_lite.train import TrainConfig, train
@@ -62,6 +62,20 @@ def _other_tiny(tmp: Path) -> Path:
     return tmp / "other-tiny"
 
 
+def _config_only(tmp: Path) -> Path:
+    """A model folder with the toy's config.json and nothing else (no weights, no processor)."""
+    folder = tmp / "config-only"
+    folder.mkdir()
+    shutil.copy(models.ASSET_DIR / "config.json", folder)
+    return folder
+
+
+def _shapes_png(tmp: Path) -> Path:
+    datasets_image = tmp / "shapes.png"
+    data.shapes_world(1)[0].image.save(datasets_image)
+    return datasets_image
+
+
 def _huge_image(tmp: Path) -> Path:
     path = tmp / "huge.png"
     Image.new("1", (14_000, 14_000)).save(path)  # 196 megapixels: PIL's decompression-bomb limit refuses it
@@ -103,6 +117,10 @@ CLI_CASES = [
                                                     "--out", str(t / "o")], "unknown random preset 'gpt'"),
     ("capture_model_folder_without_config", lambda m, t: ["capture", "--model", str(_write(t / "m" / "w.bin", "x").parent),
                                                           "--data", "shapes:4", "--out", str(t / "o")], "has no config.json"),
+    ("capture_model_folder_without_weights", lambda m, t: ["capture", "--model", str(_config_only(t)), "--data", "shapes:4",
+                                                           "--out", str(t / "o")], "cannot load the model folder"),
+    ("capture_out_is_a_file", lambda m, t: ["capture", "--model", "random:tiny", "--data", "shapes:4",
+                                            "--out", str(_write(t / "out.txt", "keep"))], "is a file; capture into a new"),
     ("train_missing_store", lambda m, t: ["train", "--acts", str(t / "none"), "--out", str(t / "o")], "no manifest.json"),
     ("train_out_is_a_file", lambda m, t: ["train", "--acts", str(m / "acts"), "--tokens", "512", "--batch-size", "256",
                                           "--out", str(_write(t / "out.txt", "keep"))], "is a file; pass a folder"),
@@ -136,6 +154,10 @@ CLI_CASES = [
     ("attribute_huge_image", lambda m, t: ["attribute", "--model", "random:tiny", "--clt", str(m / "clt"),
                                            "--image", str(_huge_image(t)), "--prompt", "What?", "--out", str(t / "g.json")],
      "huge.png"),
+    ("attribute_chat_prompt_without_image", lambda m, t: ["attribute", "--model", "random:tiny", "--clt", str(m / "clt"),
+                                                          "--image", str(_shapes_png(t)), "--prompt",
+                                                          "USER: What color is it? ASSISTANT:", "--out", str(t / "g.json")],
+     "is in the chat format but has no <image>"),
     ("toy_train_zero_steps", lambda m, t: ["toy", "train", "--out", str(t / "toy"), "--steps", "0"], "steps=0"),
     ("toy_train_negative_steps", lambda m, t: ["toy", "train", "--out", str(t / "toy"), "--steps", "-5"], "steps=-5"),
     ("toy_train_zero_layers", lambda m, t: ["toy", "train", "--out", str(t / "toy"), "--layers", "0"], "n_layers=0"),

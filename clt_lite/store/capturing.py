@@ -169,6 +169,8 @@ def _open_manifest(out: Path, args: dict, loaded: LoadedModel, layers: list[int]
         for stale in out.glob(".*.tmp*"):  # half-written files of a killed run
             stale.unlink()
         return manifest
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; capture into a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no {MANIFEST}; capture into a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
