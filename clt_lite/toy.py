@@ -231,7 +231,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if step % config.eval_every == 0 or step == config.steps:
             accuracy = evaluate(model, processor, validation)
             curve.append({"step": step, "loss": round(loss.item(), 4), "minutes": round((time.time() - start_time) / 60, 2), **accuracy})

@@ -336,7 +336,7 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
                     "step": done, "tokens": done * cfg.batch_size, "loss": window["loss"] / steps,
                     "lr": lr_at(step, peak_lr, cfg), "fvu": [f / steps for f in window["fvu"]], "l0": window["l0"] / steps,
                 })
-                bar.set_postfix(loss=f"{window['loss'] / steps:.4f}")
+                bar.set_postfix(loss=f"{window['loss'] / steps:.4f}", refresh=False)
                 window = state["window"] = _empty_window(L)
             # Ctrl-C / SIGTERM and the time interval: every rank must agree, or the collectives below would hang.
             timed = bool(cfg.checkpoint_every and cfg.checkpoint_minutes) and \
