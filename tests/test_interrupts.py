@@ -76,7 +76,8 @@ def test_ctrl_c_saves_a_checkpoint_says_so_in_one_line_and_the_rerun_finishes_id
 
 def _kill_loop(cmd: list[str], progress, seed: int, delays: tuple[float, float]) -> list:
     """Start `cmd` and SIGKILL it `delays` seconds (uniform) after its start, ten times; then let it finish. The delays
-    span start-up (Python and torch take about 3 s) and the work. Returns progress() after each kill."""
+    span start-up (Python and torch take about 3 s) and the work; how far each kill gets depends on the machine's
+    speed, so a run may finish before its tenth kill (later kills then hit start-up or a finished run)."""
     rng, seen = random.Random(seed), []
     for _ in range(10):
         run = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -85,8 +86,9 @@ def _kill_loop(cmd: list[str], progress, seed: int, delays: tuple[float, float])
         run.wait()
         seen.append(progress())
     assert subprocess.run(cmd, env=ENV, capture_output=True, timeout=600).returncode == 0
+    final = progress()
     assert seen == sorted(seen), seen  # no kill ever lost work already written
-    assert len(set(seen)) >= 3, seen  # the kills fell at several points of the work, not all before or after it
+    assert any(0 < done < final for done in seen), (seen, final)  # at least one kill fell in the middle of the work
     return seen
 
 
