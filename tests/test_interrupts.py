@@ -74,14 +74,23 @@ def test_ctrl_c_saves_a_checkpoint_says_so_in_one_line_and_the_rerun_finishes_id
     _assert_identical(tmp_path / "whole", tmp_path / "run")
 
 
-def _kill_loop(cmd: list[str], progress, seed: int, delays: tuple[float, float]) -> list:
-    """Start `cmd` and SIGKILL it `delays` seconds (uniform) after its start, ten times; then let it finish. The delays
-    span start-up (Python and torch take about 3 s) and the work; how far each kill gets depends on the machine's
-    speed, so a run may finish before its tenth kill (later kills then hit start-up or a finished run)."""
+def _kill_loop(cmd: list[str], progress, seed: int) -> list:
+    """Start `cmd` and SIGKILL it, ten times; then let it finish. Kills are placed by what the run has done, not by the
+    clock (how much a second buys depends on the machine: a fresh clone's capture once finished inside 3 s): a third
+    of them fall in start-up (a random moment before the run's first new unit of work), the rest a random moment
+    (0-0.4 s) after the run wrote a new unit of work (checkpoint or shard), so in a step, a forward pass or the next
+    write. Each such kill must keep that unit, and the run is still unfinished when it falls."""
     rng, seen = random.Random(seed), []
     for _ in range(10):
+        before = progress()
         run = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(*delays))  # in start-up, in a step or forward pass, or while a checkpoint is written
+        in_start_up = rng.random() < 1 / 3
+        deadline = time.time() + (rng.uniform(0.1, 2.5) if in_start_up else 300)
+        while time.time() < deadline and run.poll() is None and progress() == before:
+            time.sleep(0.02)
+        if not in_start_up:
+            assert run.poll() is None and progress() > before, "the run made no progress before it ended or timed out"
+            time.sleep(rng.uniform(0.0, 0.4))
         run.kill()
         run.wait()
         seen.append(progress())
@@ -99,7 +108,7 @@ def test_train_killed_at_ten_random_moments_resumes_bit_identical(store, tmp_pat
         last = latest_checkpoint(tmp_path / "run")
         return int(last.name.removeprefix("step-")) if last else 0
 
-    _kill_loop(_train_cmd(store, tmp_path / "run", steps, every), step, 0, (2.5, 5.0))
+    _kill_loop(_train_cmd(store, tmp_path / "run", steps, every), step, 0)
     assert subprocess.run(_train_cmd(store, tmp_path / "whole", steps, every), env=ENV, capture_output=True).returncode == 0
     _assert_identical(tmp_path / "whole", tmp_path / "run")
 
@@ -119,7 +128,7 @@ def test_capture_killed_at_ten_random_moments_resumes_byte_identical(tmp_path):
     script.write_text(CAPTURE)
     manifest = tmp_path / "run" / "manifest.json"
     shards = lambda: len(json.loads(manifest.read_text())["shards"]) if manifest.exists() else 0  # noqa: E731
-    _kill_loop([sys.executable, str(script), str(tmp_path / "run")], shards, 1, (3.0, 6.0))
+    _kill_loop([sys.executable, str(script), str(tmp_path / "run")], shards, 1)
     assert subprocess.run([sys.executable, str(script), str(tmp_path / "whole")], env=ENV).returncode == 0
     for path in sorted((tmp_path / "whole").iterdir()):
         assert path.read_bytes() == (tmp_path / "run" / path.name).read_bytes(), path.name
@@ -140,7 +149,7 @@ def test_toy_training_killed_at_ten_random_moments_resumes_bit_identical(tmp_pat
     script.write_text(TOY)
     step = lambda: json.loads((latest_version(tmp_path / "run" / "checkpoint") / "state.json").read_text())["step"] \
         if latest_version(tmp_path / "run" / "checkpoint") else 0  # noqa: E731
-    _kill_loop([sys.executable, str(script), str(tmp_path / "run")], step, 2, (3.0, 6.0))
+    _kill_loop([sys.executable, str(script), str(tmp_path / "run")], step, 2)
     assert subprocess.run([sys.executable, str(script), str(tmp_path / "whole")], env=ENV).returncode == 0
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
