@@ -206,7 +206,8 @@ def test_load_errors_are_one_line_and_name_the_file(tmp_path):
 # ------------------------------------------------------------------------------------- export
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(cross_layer=2, skip_connection=True, post_encoder_scale=True), dict(activation="jumprelu")],
+    [dict(), dict(cross_layer=2, skip_connection=True, post_encoder_scale=True), dict(activation="jumprelu"),
+     dict(activation="jumprelu", post_encoder_scale=True)],
 )
 def test_circuit_tracer_export_round_trip_on_raw_activations(tmp_path, overrides):
     clt = make(input_site="resid_mid", **overrides)  # circuit-tracer's own convention
@@ -221,13 +222,20 @@ def test_circuit_tracer_export_round_trip_on_raw_activations(tmp_path, overrides
             clt.W_skip.normal_(std=0.1)
     s_in, s_out = torch.tensor([2.0, 1.0, 0.5, 4.0]), torch.tensor([0.5, 1.0, 2.0, 3.0])
     clt.set_scales(s_in, s_out)
-    circuit_tracer.export(clt, tmp_path)
+    readable = clt.config.activation == "jumprelu" and not clt.config.skip_connection
+    if not readable:
+        with pytest.raises(circuit_tracer.NotReadableByCircuitTracer, match="circuit-tracer 0.5 cannot read"):
+            circuit_tracer.export(clt, tmp_path)
+        assert not list(tmp_path.iterdir())  # refused before anything is written
+    circuit_tracer.export(clt, tmp_path, allow_unreadable=not readable)
 
     enc1 = load_file(tmp_path / "W_enc_1.safetensors")
-    torch.testing.assert_close(enc1["W_enc_1"], clt.W_enc[1].detach() * 1.0)
+    folded = readable and clt.config.post_encoder_scale  # the post-encoder scale folded into the encoder
+    gain = clt.post_enc_scale.detach()[:, :, None] if folded else torch.ones(L, 1, 1)
+    torch.testing.assert_close(enc1["W_enc_1"], clt.W_enc[1].detach() * 1.0 * gain[1])
     torch.testing.assert_close(enc1["b_dec_1"], clt.b_dec[1].detach() / 1.0)
     enc2 = load_file(tmp_path / "W_enc_2.safetensors")
-    torch.testing.assert_close(enc2["W_enc_2"], clt.W_enc[2].detach() * 0.5)
+    torch.testing.assert_close(enc2["W_enc_2"], clt.W_enc[2].detach() * 0.5 * gain[2])
     torch.testing.assert_close(enc2["b_dec_2"], clt.b_dec[2].detach() / 2.0)
     assert ("threshold_0" in load_file(tmp_path / "W_enc_0.safetensors")) == (clt.config.activation == "jumprelu")
     for s in range(L):
@@ -238,10 +246,17 @@ def test_circuit_tracer_export_round_trip_on_raw_activations(tmp_path, overrides
     reloaded = circuit_tracer.load(tmp_path)
     assert reloaded.input_scale.tolist() == [1.0] * L
     torch.testing.assert_close(reloaded.reconstruct_raw(raw), clt.reconstruct_raw(raw), rtol=1e-4, atol=1e-4)
+    if readable:  # activation values as circuit-tracer computes them from the files (x W_enc^T + b_enc, > threshold)
+        enc = clt.encode(raw * s_in[:, None])
+        ours = torch.zeros(raw.shape[0], L, N).scatter(-1, enc.indices, enc.values.detach())
+        for s in range(L):
+            f = load_file(tmp_path / f"W_enc_{s}.safetensors")
+            pre = raw[:, s] @ f[f"W_enc_{s}"].T + f[f"b_enc_{s}"]
+            torch.testing.assert_close(pre * (pre > f[f"threshold_{s}"]), ours[:, s], rtol=1e-5, atol=1e-5)
 
 
 def test_load_circuit_tracer_reports_missing_tensor(tmp_path):
-    circuit_tracer.export(make(), tmp_path)
+    circuit_tracer.export(make(activation="jumprelu"), tmp_path)
     (tmp_path / "W_dec_2.safetensors").unlink()
     with pytest.raises(ValueError, match="W_dec_2.safetensors not found"):
         circuit_tracer.load(tmp_path)
@@ -253,7 +268,8 @@ def test_circuit_tracer_export_names_the_hook_each_input_site_is_read_at(tmp_pat
     import yaml
 
     for site, hook in (("mlp_in", "mlp.hook_in"), ("resid_mid", "hook_resid_mid")):
-        clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=8, expansion_factor=1, k=2, input_site=site))
+        clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=8, expansion_factor=1, k=2, input_site=site,
+                                             activation="jumprelu"))
         circuit_tracer.export(clt, tmp_path / site)
         config = yaml.safe_load((tmp_path / site / "config.yaml").read_text())
         assert (config["feature_input_hook"], config["feature_output_hook"]) == (hook, "hook_mlp_out")
