@@ -146,9 +146,10 @@ def _cmd_attribute(args) -> dict:
               f"gradient x input {truth.gradient_hit_rate:.3f} ({truth.n} prompts)")
         return {"graph_hit_rate": truth.graph_hit_rate, "gradient_hit_rate": truth.gradient_hit_rate, "n": truth.n,
                 "per_family": {f: h._asdict() for f, h in truth.per_family.items()}}
-    if not (args.image and args.prompt and args.out):
-        raise ValueError("give --image PATH --prompt TEXT --out FILE.json, or --ground-truth N")
-    sample = data.Sample(datasets.load_image(args.image), args.prompt, "", "user")
+    if not (args.prompt and args.out):
+        raise ValueError("give --prompt TEXT --out FILE.json (and --image PATH unless the prompt is text only), or "
+                         "--ground-truth N")
+    sample = data.Sample(datasets.load_image(args.image) if args.image else None, args.prompt, "", "user")
     graph = attribution.attribute(loaded, clt, sample, max_feature_nodes=args.max_feature_nodes)
     exported = attribution.export_json(graph, args.out)
     scores = attribution.graph_scores(graph)
@@ -240,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     at = command("attribute", "attribution graph of one prompt, or the ShapesWorld ground-truth check", _cmd_attribute)
     at.add_argument("--model", default="tiny-llava-shapes")
     at.add_argument("--clt", required=True, type=Path)
-    at.add_argument("--image", type=Path)
-    at.add_argument("--prompt", help="question, or a full chat prompt with <image>")
+    at.add_argument("--image", type=Path, help="the image; without it the prompt is text only")
+    at.add_argument("--prompt", help="question, or a full chat prompt (with <image> when --image is given)")
     at.add_argument("--out", type=Path, help="graph JSON in circuit-tracer's format")
     at.add_argument("--ground-truth", type=int, metavar="N", help="hit rate over N held-out ShapesWorld prompts")
     at.add_argument("--max-feature-nodes", type=int, default=4096)

@@ -84,7 +84,7 @@ class Shape:
 class Sample:
     """One image + question + answer, with the ground truth of where the answer lives."""
 
-    image: Image.Image
+    image: Image.Image | None  # None: a text-only prompt
     question: str
     answer: str
     family: str
@@ -223,7 +223,10 @@ def shapes_sample(index: int, split: str = "train", seed: int = 0, world: WorldC
 
 def sample_prompt(sample: Sample) -> str:
     """The chat prompt of a sample (user prompts that already hold <image> are kept as is; a chat prompt without
-    <image> is refused rather than wrapped in the chat format a second time)."""
+    <image> is refused rather than wrapped in the chat format a second time). A sample without an image gets
+    LLaVA's text-only form, `USER: question ASSISTANT:` (a question already in the chat format is kept)."""
+    if sample.image is None:
+        return sample.question if "ASSISTANT:" in sample.question else f"USER: {sample.question} ASSISTANT:"
     if "<image>" in sample.question:
         return sample.question
     if "ASSISTANT:" in sample.question:
@@ -315,7 +318,10 @@ def encode_batch(processor, samples: list[Sample], with_answers: bool = False, m
     prompts = [sample_prompt(s) for s in samples]
     images = [s.image for s in samples]
     check_image_tokens(prompts, images)
-    encoded = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    with_image = [image is not None for image in images]
+    if any(with_image) and not all(with_image):
+        raise ValueError("a batch mixes samples with and without images; encode them in separate batches")
+    encoded = processor(images=images if all(with_image) else None, text=prompts, return_tensors="pt", padding=True)
     tokenizer = processor.tokenizer
     rows, answer_rows = [], []
     for ids, mask, sample in zip(encoded["input_ids"], encoded["attention_mask"], samples):

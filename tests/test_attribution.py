@@ -63,14 +63,41 @@ def test_local_replacement_reproduces_the_model(tiny, local, samples):
     assert torch.allclose(torch.stack(out.inputs), local.recorded.inputs, atol=1e-4)
 
 
+def _constant(local, graph) -> torch.Tensor:
+    """What the uncredited constant (b_dec, BOS) contributes to each feature and logit target: all sources off."""
+    L, S = graph.n_layers, graph.n_positions
+    return _frozen_targets(local, graph, feature_scale=torch.zeros(len(local.features)), error_scale=torch.zeros(L, S),
+                           embed_scale=torch.zeros(S))
+
+
 def test_preactivation_is_sum_of_incoming_edges_plus_bias(graph, local, clt):
+    """pre-activation = incoming edges + b_enc + the uncredited constant (b_dec and BOS, circuit-tracer's rule)."""
     layer, pos, latent = graph.features.unbind(1)
+    assert torch.equal(graph.features, local.features) and (pos > 0).all()  # no cap reached; nothing at BOS
     x = local.recorded.inputs[:, pos].transpose(0, 1) * clt.input_scale[:, None]  # [n_f, L, d]
     with torch.no_grad():
         pre = clt.encode(x).pre_acts[torch.arange(len(pos)), layer, latent]
+    constant = _constant(local, graph)[: graph.n_features]
     incoming = graph.adjacency[: graph.n_features].sum(1) + clt.b_enc.detach()[layer, latent]
-    assert torch.allclose(incoming, pre, atol=1e-4)
+    assert torch.allclose(incoming + constant, pre, atol=1e-4)
+    assert constant.abs().max() > 1e-3  # b_dec really is left out of the errors
+    assert torch.allclose(A.uncredited(local, graph)[: graph.n_features], constant, atol=1e-5)
+    assert torch.allclose(A.target_values(local, graph)[: graph.n_features], pre - clt.b_enc.detach()[layer, latent], atol=1e-4)
     assert graph.adjacency[graph.error_start : graph.logit_start].abs().sum() == 0  # sources have no inputs
+    assert graph.adjacency[:, [graph.error_index(layer, 0) for layer in range(graph.n_layers)]].abs().sum() == 0
+
+
+def test_clt_lite_convention_needs_no_constant(tiny, clt, samples):
+    """Errors absorb b_dec and BOS keeps its features and errors: the edges alone sum to each target."""
+    graph = A.attribute(tiny, clt, samples[0], convention="clt-lite")
+    local = A.LocalReplacement(tiny, clt, samples[0], convention="clt-lite")
+    assert (graph.features[:, 1] == 0).any() and local.constant.abs().sum() == 0
+    incoming = graph.adjacency[: graph.n_features].sum(1) + clt.b_enc.detach()[graph.features[:, 0], graph.features[:, 2]]
+    assert torch.allclose(incoming, local.pre_acts, atol=1e-4)
+    last = _real_logits(tiny, samples[0])[-1]
+    assert torch.allclose(graph.adjacency[graph.logit_start :].sum(1), (last - last.mean())[graph.logit_tokens], atol=1e-4)
+    with pytest.raises(ValueError, match="convention must be one of circuit-tracer, clt-lite"):
+        A.attribute(tiny, clt, samples[0], convention="paper")
 
 
 def test_identities_hold_for_every_clt_option(tiny, samples):
@@ -83,14 +110,18 @@ def test_identities_hold_for_every_clt_option(tiny, samples):
     local = A.LocalReplacement(tiny, clt, samples[0])
     with torch.no_grad():
         assert torch.allclose(local.run().logits, _real_logits(tiny, samples[0]), atol=1e-4)
+    constant = _constant(local, graph)
     incoming = graph.adjacency[: graph.n_features].sum(1) + clt.b_enc.detach()[graph.features[:, 0], graph.features[:, 2]]
-    assert torch.allclose(incoming, local.pre_acts, atol=1e-4)
-    assert torch.allclose(graph.adjacency[graph.logit_start :].sum(1), _frozen_targets(local, graph)[graph.n_features :], atol=1e-4)
+    assert torch.allclose(incoming + constant[: graph.n_features], local.pre_acts, atol=1e-4)
+    assert torch.allclose(graph.adjacency[graph.logit_start :].sum(1) + constant[graph.n_features :],
+                          _frozen_targets(local, graph)[graph.n_features :], atol=1e-4)
 
 
-def test_demeaned_logit_is_sum_of_incoming_edges(graph, tiny, samples):
+def test_demeaned_logit_is_sum_of_incoming_edges(graph, local, tiny, samples):
     last = _real_logits(tiny, samples[0])[-1]
-    assert torch.allclose(graph.adjacency[graph.logit_start :].sum(1), (last - last.mean())[graph.logit_tokens], atol=1e-4)
+    constant = _constant(local, graph)[graph.n_features :]
+    assert torch.allclose(graph.adjacency[graph.logit_start :].sum(1) + constant, (last - last.mean())[graph.logit_tokens],
+                          atol=1e-4)
     assert graph.logit_tokens[0] == last.argmax()
     assert 1 <= len(graph.logit_tokens) <= 10
 
@@ -169,6 +200,8 @@ def test_export_json_round_trips(graph, tmp_path):
     assert kinds <= {"embedding", "logit", "cross layer transcoder", "mlp reconstruction error"}
     ids = {node["node_id"] for node in loaded["nodes"]}
     assert len(ids) == len(loaded["nodes"])
+    errors = [node for node in loaded["nodes"] if node["feature_type"] == "mlp reconstruction error"]
+    assert errors and all(node["node_id"] == f"0_{node['layer']}_{node['ctx_idx']}" for node in errors)  # circuit-tracer's ids
     assert loaded["links"] and all(link["source"] in ids and link["target"] in ids for link in loaded["links"])
     assert sum(node["is_target_logit"] for node in loaded["nodes"]) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["graph.json"]  # no temporary left behind
@@ -179,8 +212,8 @@ def test_bad_inputs(tiny, clt, samples):
     two_images = data.Sample(sample.image, "USER: <image> <image>\nWhat is this? ASSISTANT:", "", "prompt")
     with pytest.raises(ValueError, match="<image>"):
         A.attribute(tiny, clt, two_images)
-    with pytest.raises(ValueError, match="image"):
-        A.attribute(tiny, clt, data.Sample(None, sample.question, "", "prompt"))
+    with pytest.raises(ValueError, match="contains <image> but no image was given"):
+        A.attribute(tiny, clt, data.Sample(None, sample.prompt, "", "prompt"))
     with pytest.raises(ValueError, match="feature 999 out of range"):
         A.intervene(tiny, clt, sample, 1, 5, 999, 0.0)
     with pytest.raises(ValueError, match="layer 7 out of range"):
@@ -202,10 +235,45 @@ def test_other_image_sizes_are_resized(tiny, clt, samples):
     assert len(graph.patch_nodes()) == 36
 
 
-def test_feature_cap_keeps_the_strongest_and_stays_exact(tiny, clt, samples, local):
-    graph = A.attribute(tiny, clt, samples[0], max_feature_nodes=50, max_n_logits=2)
+def test_text_only_prompt(tiny, clt, samples):
+    """No image: LLaVA's text-only chat form, no patch nodes, the same identities."""
+    sample = data.Sample(None, samples[0].question, "", "prompt")
+    graph = A.attribute(tiny, clt, sample, max_n_logits=3)
+    local = A.LocalReplacement(tiny, clt, sample)
+    assert graph.prompt == f"USER: {samples[0].question} ASSISTANT:" and len(graph.patch_nodes()) == 0
+    assert graph.n_positions == len(tiny.processor.tokenizer(graph.prompt).input_ids)
+    last = _real_logits(tiny, sample)[-1]
+    constant = _constant(local, graph)[graph.n_features :]
+    assert torch.allclose(graph.adjacency[graph.logit_start :].sum(1) + constant, (last - last.mean())[graph.logit_tokens],
+                          atol=1e-4)
+
+
+def test_feature_cap_by_influence_keeps_a_submatrix_of_the_full_graph(tiny, clt, samples, graph):
+    """circuit-tracer's cap: with one batch, the features of largest influence through the logit rows alone; their rows
+    and columns are exactly those of the uncapped graph, every other feature is dropped."""
+    capped = A.attribute(tiny, clt, samples[0], max_feature_nodes=50, batch_size=50)
+    assert capped.n_features == 50 and capped.n_active_features == graph.n_features > 50
+    logit_rows = graph.adjacency[graph.logit_start :, : graph.logit_start]
+    first_hop = capped.logit_probs @ A.normalize_rows(logit_rows)
+    expected = first_hop[: graph.n_features].topk(50).indices.sort().values
+    assert torch.equal(capped.features, graph.features[expected])
+    keep = torch.cat([expected, torch.arange(graph.n_features, graph.n_nodes)])
+    assert torch.allclose(capped.adjacency, graph.adjacency[keep][:, keep], atol=1e-5)
+    local = A.LocalReplacement(tiny, clt, samples[0])
+    rows = torch.cat([torch.arange(capped.n_features), torch.arange(capped.logit_start, capped.n_nodes)])
+    uncredited = A.uncredited(local, capped)  # the constant and the dropped features
+    assert torch.allclose(capped.adjacency[rows].sum(1) + uncredited, A.target_values(local, capped), atol=1e-4)
+    constant = _constant(local, graph)[torch.cat([expected, graph.n_features + torch.arange(len(graph.logit_tokens))])]
+    assert (uncredited - constant).abs().max() > 1e-3  # the dropped features are in it
+    several = A.attribute(tiny, clt, samples[0], max_feature_nodes=50, batch_size=8)  # re-ranked as rows arrive
+    assert several.n_features == 50 and len({tuple(f) for f in several.features.tolist()} & {tuple(f) for f in capped.features.tolist()}) >= 25
+
+
+def test_feature_cap_folds_the_rest_under_the_clt_lite_convention(tiny, clt, samples):
+    local = A.LocalReplacement(tiny, clt, samples[0], convention="clt-lite")
+    graph = A.attribute(tiny, clt, samples[0], max_feature_nodes=50, max_n_logits=2, convention="clt-lite")
     assert graph.n_features == 50 and graph.n_active_features > 50
-    capped = A.LocalReplacement(tiny, clt, samples[0], max_feature_nodes=50)
+    capped = A.LocalReplacement(tiny, clt, samples[0], max_feature_nodes=50, convention="clt-lite")
     layer, _, latent = local.features.unbind(1)
     strongest = (local.activations * local._raw_decoder_norms(layer, latent)).topk(50).indices
     assert {tuple(f) for f in local.features[strongest].tolist()} == {tuple(f) for f in capped.features.tolist()}

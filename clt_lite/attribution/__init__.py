@@ -17,18 +17,21 @@ circuit-tracer). Node order follows circuit-tracer:
 
 and adjacency[target, source]. Linearity gives exact identities the tests check:
 
-    pre-activation(feature) = sum of its incoming edges + b_enc
-    logit(token) - mean logit = sum of its incoming edges          (no constant: Llama's attention has no biases)
+    pre-activation(feature) = sum of its incoming edges + b_enc + uncredited
+    logit(token) - mean logit = sum of its incoming edges + uncredited   (Llama's attention has no biases)
 
 Edges come from batched backward passes (as circuit-tracer does): the frozen forward runs on a
 batch of copies of the prompt, copy b is seeded with target b's read vector, and the gradient at
 each write point (layer-0 input, every MLP output) dotted with a source's write vector there is
 the edge weight. Feature activations never get gradients: they are leaves, so paths stop at them.
 
-Choices: the cap on feature nodes keeps the strongest features and folds the rest into the
-error nodes (nothing is refused and the identities stay exact); images of any size are accepted (the
-processor resizes them, as LLaVA does); the CLT's skip connection, if any, stays a live linear
-path (like attention) rather than part of the error.
+Conventions (local.py): by default circuit-tracer's, so scores mean what circuit-tracer's mean: features and
+errors at BOS are zeroed and b_dec stays outside the error nodes (an uncredited constant), and a cap on feature
+nodes keeps the features most influential on the logits and drops the rest. Then the identities above hold with
+`uncredited(local, graph)` added. `convention="clt-lite"` keeps BOS, puts b_dec in the errors and folds capped
+features into them, so the identities hold with no extra term. Prompts without an image are text-only prompts;
+images of any size are accepted (the processor resizes them, as LLaVA does); the CLT's skip connection, if any,
+stays a live linear path (like attention) rather than part of the error.
 
 Modules, each importing only those listed before it: `local` (the recorded pass, the frozen linear
 model), `graph` (AttributionGraph, attribute), `pruning` (influence, prune, scores), `interventions`
@@ -36,7 +39,7 @@ model), `graph` (AttributionGraph, attribute), `pruning` (influence, prune, scor
 """
 
 from .export import export_json, to_circuit_tracer_json
-from .graph import AttributionGraph, attribute
+from .graph import AttributionGraph, attribute, target_values, uncredited
 from .ground_truth import SINGLE_OBJECT_FAMILIES, FamilyHits, GroundTruth, answer_token, gradient_x_input, ground_truth_hit_rate, ground_truth_samples
 from .interventions import (
     AblationCurve,
@@ -50,5 +53,5 @@ from .interventions import (
     intervene_many,
     ranked_features,
 )
-from .local import Frozen, FrozenRun, LocalReplacement, Recorded, record
+from .local import CONVENTIONS, Convention, Frozen, FrozenRun, LocalReplacement, Recorded, record
 from .pruning import GraphScores, Pruned, feature_influence, graph_scores, influence, normalize_rows, patch_influence, prune

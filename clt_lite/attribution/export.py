@@ -26,8 +26,8 @@ def _node_json(graph: AttributionGraph, index: int, influence_score: float, labe
                     activation=float(graph.activations[index]))
     elif kind == "error":
         layer, pos = divmod(index - graph.error_start, graph.n_positions)
-        node.update(node_id=f"{layer}_-1_{pos}", feature=-1, layer=str(layer), ctx_idx=pos,
-                    feature_type="mlp reconstruction error", jsNodeId=f"{layer}_-1-{pos}")
+        node.update(node_id=f"0_{layer}_{pos}", feature=-1, layer=str(layer), ctx_idx=pos,
+                    feature_type="mlp reconstruction error", jsNodeId=f"{layer}_{pos}-0")
     elif kind == "embedding":
         pos = index - graph.embed_start
         vocab = int(graph.input_ids[pos])

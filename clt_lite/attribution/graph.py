@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import data
 from ..clt import CrossLayerTranscoder
 from ..models import LoadedModel
-from .local import LocalReplacement, _linear
+from .local import Convention, LocalReplacement, _linear
 
 
 @dataclass
@@ -24,12 +24,13 @@ class AttributionGraph:
     n_layers: int  # decoder layers L
     features: Tensor  # [n_f, 3] (layer, position, latent id) of the kept active features, sorted
     activations: Tensor  # [n_f] their activations
-    n_active_features: int  # active features before the max_feature_nodes cap
+    n_active_features: int  # active features before the max_feature_nodes cap (BOS excluded under "circuit-tracer")
     logit_tokens: Tensor  # [n_logits] token ids of the logit nodes; index 0 is the target
     logit_probs: Tensor  # [n_logits] their probabilities in the original model
     logit_strings: list[str]  # the logit tokens decoded
     adjacency: Tensor  # [N, N] direct effects, row = target, column = source
     sample: data.Sample | None = None  # the sample attributed (image and ground truth, for figures)
+    convention: Convention = "circuit-tracer"  # what no node explains, and how the cap chose features (local.py)
 
     @property
     def n_positions(self) -> int:
@@ -114,65 +115,127 @@ def _logit_targets(logits: Tensor, target_token: int | None, max_n_logits: int, 
 
 def attribute(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample, target_token: int | None = None,
               max_n_logits: int = 10, desired_logit_prob: float = 0.95, max_feature_nodes: int = 4096,
-              batch_size: int = 128) -> AttributionGraph:
+              batch_size: int = 128, convention: Convention = "circuit-tracer") -> AttributionGraph:
     """Attribution graph of the sample's prompt at its last position (the first answer token).
 
+    A sample without an image is a text-only prompt (then no node is an image patch).
     target_token: a token id to attribute (e.g. the true answer's first token), put first among the
         logit nodes; by default the model's top token is first.
-    max_feature_nodes: cap on feature nodes. With more active features, the top ones by
-        activation x decoder norm are kept and the rest are folded into the error nodes (the
-        identities stay exact; `n_active_features` tells how many there were). Lower k or raise the
-        cap when error nodes dominate.
+    max_feature_nodes: cap on feature nodes. Under "circuit-tracer" (the default) the features are chosen as
+        circuit-tracer chooses them: logit rows first, then feature rows in order of influence on the logits
+        (re-ranked every 4 batches from the rows computed so far); the rest are dropped. Under "clt-lite" the top
+        ones by activation x decoder norm are kept and the rest folded into the error nodes (the identities stay
+        exact). `n_active_features` tells how many there were.
     batch_size: targets per backward pass: the frozen forward runs on batch_size copies of the
         prompt, so memory grows like batch_size x S x d x (a few tensors per layer); lower it on
         long prompts of large models.
+    convention: "circuit-tracer" or "clt-lite", see local.py.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    local = LocalReplacement(loaded, clt, sample, max_feature_nodes)
+    local = LocalReplacement(loaded, clt, sample, max_feature_nodes, convention)
     rec = local.recorded
     logit_tokens, logit_probs = _logit_targets(rec.logits[-1], target_token, max_n_logits, desired_logit_prob)
-    adjacency = _adjacency(local, logit_tokens, batch_size)
+    adjacency, kept = _adjacency(local, logit_tokens, logit_probs, batch_size, max_feature_nodes)
     tokenizer = loaded.processor.tokenizer
     return AttributionGraph(
         prompt=data.sample_prompt(sample), tokens=tokenizer.convert_ids_to_tokens(rec.input_ids.tolist()),
         input_ids=rec.input_ids, image_positions=rec.input_ids == loaded.image_token_id, n_layers=len(local.blocks),
-        features=local.features, activations=local.activations, n_active_features=local.n_active_features,
+        features=local.features[kept], activations=local.activations[kept], n_active_features=local.n_active_features,
         logit_tokens=logit_tokens, logit_probs=logit_probs,
-        logit_strings=[tokenizer.decode([t]).strip() for t in logit_tokens.tolist()], adjacency=adjacency, sample=sample)
+        logit_strings=[tokenizer.decode([t]).strip() for t in logit_tokens.tolist()], adjacency=adjacency, sample=sample,
+        convention=convention)
 
 
-def _adjacency(local: LocalReplacement, logit_tokens: Tensor, batch_size: int) -> Tensor:
-    """Dense [N, N] direct effects: one frozen forward over batch_size copies, then one backward per batch of targets.
+class _Rows:
+    """Direct-effect rows of chosen targets, each over every source, from batched backward passes.
 
-    Copy b is seeded with the b-th target of the batch (its read vector at its input site, or the
-    demeaned logit direction); gradients are read at the write points (layer-0 input, each layer's
-    MLP output) and dotted with each source's write vector there.
+    Targets are numbered features first (0..n_f-1), then logits. One frozen forward over batch_size copies; copy b
+    is seeded with the b-th target of a batch (its read vector at its input site, or the demeaned logit direction);
+    gradients are read at the write points (layer-0 input, each layer's MLP output) and dotted with each source's
+    write vector there.
     """
-    rec, L, n_f, device = local.recorded, len(local.blocks), len(local.features), local.device
-    S, d = rec.embeds.shape
-    n_targets = n_f + len(logit_tokens)
-    B = min(batch_size, n_targets)
-    embeds = rec.embeds.to(device).clone().requires_grad_()
-    writes = (local._feature_writes(torch.ones(n_f, device=device)) + local.errors).detach().requires_grad_()
-    points = [embeds.expand(B, S, d)] + [w.expand(B, S, d) for w in writes]  # per-copy gradients land here
-    inputs, final = local.forward(points[0], points[1:])
-    last = _linear(local.lm_head, final[:, -1])
-    centered = last - last.mean(-1, keepdim=True)  # [B, V] demeaned logits
-    decoders = _dense_decoders(local)
-    adjacency = torch.zeros(n_targets + L * S + S, n_targets + L * S + S)
-    n_sources = n_f + L * S + S
-    target_rows = torch.cat([torch.arange(n_f), torch.arange(n_sources, n_sources + len(logit_tokens))])
-    for start in range(0, n_targets, B):
-        chunk = torch.arange(start, min(start + B, n_targets))
-        seeded = _seeded_targets(local, inputs, centered, chunk, logit_tokens)
-        grad_embeds, *grad_writes = (g[: len(chunk)] for g in torch.autograd.grad(seeded, points, retain_graph=True))
-        grad_writes = torch.stack(grad_writes, dim=1)  # [batch, L, S, d]
-        rows = torch.cat([_feature_edges(local, grad_writes, decoders),
-                          (grad_writes * local.errors).sum(-1).flatten(1),
-                          (grad_embeds * embeds.detach()).sum(-1)], dim=1)
-        adjacency[target_rows[chunk], :n_sources] = rows.cpu()
-    return adjacency
+
+    def __init__(self, local: LocalReplacement, logit_tokens: Tensor, batch_size: int):
+        rec, self.local, self.logit_tokens = local.recorded, local, logit_tokens
+        S, d = rec.embeds.shape
+        self.n_f = len(local.features)
+        self.n_sources = self.n_f + len(local.blocks) * S + S
+        self.B = min(batch_size, self.n_f + len(logit_tokens))
+        self.embeds = rec.embeds.to(local.device).clone().requires_grad_()
+        writes = (local._feature_writes(torch.ones(self.n_f, device=local.device)) + local.errors).detach().requires_grad_()
+        self.points = [self.embeds.expand(self.B, S, d)] + [w.expand(self.B, S, d) for w in writes]  # per-copy gradients
+        self.inputs, final = local.forward(self.points[0], self.points[1:])
+        last = _linear(local.lm_head, final[:, -1])
+        self.centered = last - last.mean(-1, keepdim=True)  # [B, V] demeaned logits
+        self.decoders = _dense_decoders(local)
+
+    def __call__(self, targets: Tensor) -> Tensor:
+        """[len(targets), n_sources] rows, in batches of B."""
+        local, out = self.local, []
+        for start in range(0, len(targets), self.B):
+            chunk = targets[start : start + self.B]
+            seeded = _seeded_targets(local, self.inputs, self.centered, chunk, self.logit_tokens)
+            grads = torch.autograd.grad(seeded, self.points, retain_graph=True)
+            grad_embeds, *grad_writes = (g[: len(chunk)] for g in grads)
+            grad_writes = torch.stack(grad_writes, dim=1)  # [batch, L, S, d]
+            out.append(torch.cat([_feature_edges(local, grad_writes, self.decoders),
+                                  (grad_writes * local.errors).sum(-1).flatten(1),
+                                  (grad_embeds * self.embeds.detach()).sum(-1)], dim=1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.n_sources)
+
+
+def _adjacency(local: LocalReplacement, logit_tokens: Tensor, logit_probs: Tensor, batch_size: int,
+               max_feature_nodes: int, update_interval: int = 4) -> tuple[Tensor, Tensor]:
+    """(dense [N, N] direct effects with row = target and column = source, the feature ids kept).
+
+    Without a cap to apply (all features fit, or "clt-lite" already folded the rest), every feature gets a row.
+    Otherwise circuit-tracer's order: logit rows, then batches of the features most influential on the logits so
+    far (re-ranked every `update_interval` batches), until the cap; columns of features never chosen are dropped.
+    """
+    rows_of, n_f = _Rows(local, logit_tokens, batch_size), len(local.features)
+    logit_rows = rows_of(n_f + torch.arange(len(logit_tokens)))
+    if n_f <= max_feature_nodes:
+        kept, feature_rows = torch.arange(n_f), rows_of(torch.arange(n_f))
+    else:
+        visited, chosen, parts = torch.zeros(n_f, dtype=torch.bool), [], []
+        while len(chosen) < max_feature_nodes:
+            done = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+            influences = _partial_influence(torch.cat([logit_rows, *parts]), logit_probs,
+                                            torch.cat([rows_of.n_sources + torch.arange(len(logit_tokens)), done]))
+            rank = torch.argsort(influences[:n_f], descending=True)
+            pending = rank[~visited[rank]][: min(update_interval * rows_of.B, max_feature_nodes - int(visited.sum()))]
+            for batch in pending.split(rows_of.B):
+                parts.append(rows_of(batch))
+                chosen.append(batch)
+                visited[batch] = True
+        order = torch.cat(chosen)
+        kept = order.sort().values
+        feature_rows = torch.cat(parts)[torch.argsort(order)]
+    columns = torch.cat([kept, torch.arange(n_f, rows_of.n_sources)])
+    n_kept, n_sources = len(kept), len(columns)
+    adjacency = torch.zeros(n_sources + len(logit_tokens), n_sources + len(logit_tokens))
+    adjacency[:n_kept, :n_sources] = feature_rows[:, columns]
+    adjacency[n_sources:, :n_sources] = logit_rows[:, columns]
+    return adjacency, kept
+
+
+def _partial_influence(rows: Tensor, logit_probs: Tensor, row_nodes: Tensor) -> Tensor:
+    """circuit-tracer's influence of every source on the logits from the rows computed so far ([n_rows, n_sources],
+    row r belongs to node row_nodes[r]; logit nodes are numbered after the sources)."""
+    normalized = rows.abs()
+    normalized = normalized / normalized.sum(1, keepdim=True).clamp(min=1e-8)
+    n_sources, n_logits = rows.shape[1], len(logit_probs)
+    prod = torch.zeros(n_sources + n_logits)
+    prod[n_sources:] = logit_probs
+    influences = torch.zeros(n_sources)
+    for _ in range(len(rows) + 1):
+        current = prod[row_nodes] @ normalized
+        if not current.any():
+            return influences
+        influences += current
+        prod = torch.cat([current, torch.zeros(n_logits)])
+    raise RuntimeError("influence did not converge: the rows have a cycle")
 
 
 def _seeded_targets(local: LocalReplacement, inputs: list[Tensor], centered: Tensor, chunk: Tensor,
@@ -209,3 +272,38 @@ def _feature_edges(local: LocalReplacement, grad_writes: Tensor, decoders: Tenso
         ids = (positions == p).nonzero(as_tuple=True)[0]
         edges[:, ids] = grad_writes[:, :, p].reshape(batch, L * d) @ decoders[ids].reshape(len(ids), L * d).T
     return edges
+
+
+def _graph_rows(local: LocalReplacement, graph: AttributionGraph) -> Tensor:
+    """Index in local.features of each of the graph's features (both sorted by layer, position, latent)."""
+    S, n = graph.n_positions, local.clt.config.num_latents
+    key = lambda f: (f[:, 0] * S + f[:, 1]) * n + f[:, 2]  # noqa: E731
+    rows = torch.searchsorted(key(local.features), key(graph.features))
+    if not torch.equal(local.features[rows.clamp(max=len(local.features) - 1)], graph.features):
+        raise ValueError("the graph's features are not among the local replacement's: build both from the same "
+                         "prompt, CLT and convention")
+    return rows
+
+
+@torch.no_grad()
+def target_values(local: LocalReplacement, graph: AttributionGraph) -> Tensor:
+    """[n_f + n_logits] what each target row of the graph measures in the frozen model: a feature's pre-activation
+    minus its encoder bias, a logit minus the mean logit."""
+    out = local.run()
+    last = out.logits[-1]
+    return torch.cat([local.feature_reads(out.inputs)[_graph_rows(local, graph)],
+                      (last - last.mean())[graph.logit_tokens.to(last.device)]]).cpu()
+
+
+@torch.no_grad()
+def uncredited(local: LocalReplacement, graph: AttributionGraph) -> Tensor:
+    """[n_f + n_logits] the part of each target no node of the graph is credited with: the constant of the
+    "circuit-tracer" convention (b_dec, every MLP output at BOS) and the features the cap dropped. So for every
+    target row, incoming edges + uncredited = target_values (zero under "clt-lite", where errors absorb both)."""
+    L, S = graph.n_layers, graph.n_positions
+    dropped = torch.ones(len(local.features))
+    dropped[_graph_rows(local, graph)] = 0
+    out = local.run(feature_scale=dropped, error_scale=torch.zeros(L, S), embed_scale=torch.zeros(S))
+    last = out.logits[-1]
+    return torch.cat([local.feature_reads(out.inputs)[_graph_rows(local, graph)],
+                      (last - last.mean())[graph.logit_tokens.to(last.device)]]).cpu()

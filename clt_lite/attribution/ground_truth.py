@@ -12,7 +12,7 @@ from .. import data
 from ..clt import CrossLayerTranscoder
 from ..models import LoadedModel
 from .graph import attribute
-from .local import _encode_sample, _language_model
+from .local import _language_model
 from .pruning import patch_influence
 
 SINGLE_OBJECT_FAMILIES = ("colour", "shape", "describe")  # questions about exactly one object
@@ -26,7 +26,7 @@ def answer_token(loaded: LoadedModel, answer: str) -> int:
 def gradient_x_input(loaded: LoadedModel, sample: data.Sample, token: int) -> Tensor:
     """[n_patches] |gradient x input| of the original model's logit for `token`, summed over the embedding dimension."""
     model = loaded.model
-    encoded = _encode_sample(loaded, sample)
+    encoded = data.encode_batch(loaded.processor, [sample])
     kept: dict[str, Tensor] = {}
 
     def leaf_embeds(_module, args, kwargs):

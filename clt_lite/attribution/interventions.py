@@ -13,7 +13,7 @@ from ..clt import CrossLayerTranscoder
 from ..models import LoadedModel
 from ..replacement import check_compatible
 from .graph import AttributionGraph, attribute
-from .local import Recorded, _encode_sample, record
+from .local import Recorded, record
 from .pruning import feature_influence
 
 
@@ -75,7 +75,7 @@ def _intervene_recorded(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: 
         return mlp_out + delta[l].to(mlp_out)
 
     model = loaded.model
-    encoded = _encode_sample(loaded, sample)
+    encoded = data.encode_batch(loaded.processor, [sample])
     with torch.no_grad(), sites.patch_mlp_out(model, patch, layers=sorted(delta)):
         logits = model(**encoded.model_inputs(model)).logits[0, -1].float()
     original = rec.logits[-1].float().to(logits.device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +36,6 @@ def _language_model(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__}: cannot find the language model owning the decoder layers")
 
 
-def _encode_sample(loaded: LoadedModel, sample: data.Sample) -> data.EncodedBatch:
-    if sample.image is None:
-        raise ValueError("attribution traces from image patches: give the sample an image")
-    return data.encode_batch(loaded.processor, [sample])
-
-
 @torch.no_grad()
 def record(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample) -> Recorded:
     """Run the real model once on the sample's prompt and keep what the local replacement needs.
@@ -50,7 +44,7 @@ def record(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample) 
     vision tower's input, as LLaVA does with any photo.
     """
     model = loaded.model
-    encoded = _encode_sample(loaded, sample)
+    encoded = data.encode_batch(loaded.processor, [sample])  # a sample without an image is a text-only prompt
     kept: dict[str, Tensor] = {}
 
     def keep_embeds(_module, args, kwargs):
@@ -68,6 +62,15 @@ def record(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample) 
 
 
 # -------------------------------------------------------------------- the local replacement model
+
+# How a graph treats what no node explains. "circuit-tracer" (the default, as circuit-tracer 0.5 and the paper do):
+# features and errors at position 0 (BOS) are zeroed and the decoder bias b_dec stays outside the error nodes, both
+# left as an uncredited constant; a cap on feature nodes keeps the most influential features and drops the rest.
+# "clt-lite" (this course's earlier rule, kept because it makes every identity exact without a constant): BOS keeps
+# its features and errors, errors absorb b_dec, and a cap keeps the features of largest activation x decoder norm and
+# folds the rest into the error nodes.
+Convention = Literal["circuit-tracer", "clt-lite"]
+CONVENTIONS: tuple[str, ...] = ("circuit-tracer", "clt-lite")
 
 
 def _linear(module: nn.Linear, x: Tensor) -> Tensor:
@@ -101,15 +104,22 @@ class LocalReplacement:
 
     Sources and their write points: embeddings at the layer-0 input, feature f at mlp_out[t][p_f]
     for every target t it writes (a_f W_dec[s->t] / target_scale[t]), error (t, p) at mlp_out[t][p].
-    `run` scales each source by a coefficient (1 = the real pass); that is also how linear
+    Under the "circuit-tracer" convention a constant (b_dec, and every MLP output at BOS) is added at mlp_out too,
+    credited to no node. `run` scales each source by a coefficient (1 = the real pass); that is also how linear
     interventions on the frozen model are made.
+
+    max_feature_nodes: under "clt-lite" the cap applied here (the rest folded into errors); under
+        "circuit-tracer" every active feature is kept here and `attribute` applies the cap by influence.
     """
 
     def __init__(self, loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample,
-                 max_feature_nodes: int = 4096):
+                 max_feature_nodes: int = 4096, convention: Convention = "circuit-tracer"):
         if max_feature_nodes < 1:
             raise ValueError(f"max_feature_nodes must be >= 1, got {max_feature_nodes}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
         check_compatible(clt, loaded.model)
+        self.convention = convention
         self.clt = clt
         self.blocks = sites.decoder_layers(loaded.model)
         self.lm = _language_model(loaded.model)
@@ -121,12 +131,13 @@ class LocalReplacement:
         self.rotary = self.lm.rotary_emb(embeds, torch.arange(S, device=self.device)[None])
         self.causal = torch.full((S, S), float("-inf"), device=self.device).triu(1)
         self.frozen = self._record_frozen()
-        self._select_features(max_feature_nodes)
+        self._select_features(max_feature_nodes if convention == "clt-lite" else None)
 
     # -------------------------------------------------------------------------------- features
     @torch.no_grad()
-    def _select_features(self, cap: int) -> None:
-        """Active features from the recorded inputs; keep at most `cap`, ranked by activation x raw decoder norm.
+    def _select_features(self, cap: int | None) -> None:
+        """Active features from the recorded inputs (none at BOS under "circuit-tracer"); keep at most `cap` (None: all),
+        ranked by activation x raw decoder norm.
 
         Dropped features' writes stay in the error terms, so every identity still holds exactly.
         """
@@ -135,12 +146,16 @@ class LocalReplacement:
         x = (rec.inputs * scale).transpose(0, 1).to(clt.b_dec.device, clt.b_dec.dtype)  # [S, L, d]
         enc = clt.encode(x)
         values, indices = enc.values.float().cpu(), enc.indices.cpu()  # [S, L, k']
-        pos, layer, slot = (values > 0).nonzero(as_tuple=True)
+        active = values > 0
+        if self.convention == "circuit-tracer":
+            active[0] = False  # BOS
+        pos, layer, slot = active.nonzero(as_tuple=True)
         latent = indices[pos, layer, slot]
         acts = values[pos, layer, slot]
         self.n_active_features = len(acts)
-        norms = self._raw_decoder_norms(layer, latent)
-        keep = (acts * norms).topk(min(cap, len(acts))).indices
+        keep = torch.arange(len(acts))
+        if cap is not None and cap < len(acts):
+            keep = (acts * self._raw_decoder_norms(layer, latent)).topk(cap).indices
         n, S = clt.config.num_latents, x.shape[0]
         keep = keep[torch.argsort((layer[keep] * S + pos[keep]) * n + latent[keep])]  # (layer, position, latent) order
         self.features = torch.stack([layer[keep], pos[keep], latent[keep]], dim=1)  # [n_f, 3] sorted
@@ -150,6 +165,12 @@ class LocalReplacement:
         writes = self._feature_writes(torch.ones(len(keep)))
         skip = torch.stack([self._skip(t, rec.inputs[t].to(self.device)) for t in range(len(self.blocks))])
         self.errors = rec.mlp_out.to(self.device) - writes - skip  # [L, S, d]: absorbs b_dec and dropped features
+        self.constant = torch.zeros_like(self.errors)  # [L, S, d] what no node is credited with
+        if self.convention == "circuit-tracer":
+            b_dec = (clt.b_dec.detach().float() / clt.target_scale.float()[:, None]).to(self.device)
+            self.errors = self.errors - b_dec[:, None]
+            self.errors[:, 0] = 0
+            self.constant = rec.mlp_out.to(self.device) - writes - skip - self.errors
 
     @torch.no_grad()
     def _raw_decoder_norms(self, layer: Tensor, latent: Tensor) -> Tensor:
@@ -247,7 +268,7 @@ class LocalReplacement:
         return FrozenRun(inputs, _linear(self.lm_head, final))
 
     def forward(self, embeds: Tensor, writes: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """Frozen model on embeds [..., S, d] with MLP outputs writes[l] [..., S, d] plus the CLT's skip term.
+        """Frozen model on embeds [..., S, d] with MLP outputs writes[l] [..., S, d] plus the constant and the CLT's skip.
 
         Returns the CLT input site of every layer ([..., S, d] each) and the final normed residual.
         """
@@ -258,7 +279,7 @@ class LocalReplacement:
             x = h if self.clt.config.input_site == "resid_mid" else \
                 h * fz.mlp_rsqrt[l] * block.post_attention_layernorm.weight.float()
             inputs.append(x)
-            h = h + writes[l] + self._skip(l, x)
+            h = h + writes[l] + self.constant[l] + self._skip(l, x)
         return inputs, h * fz.final_rsqrt * self.lm.norm.weight.float()
 
     def read_rows(self, layer: int, latents: Tensor) -> Tensor:
