@@ -8,7 +8,7 @@ CONFIG ?= configs/cpu.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run lab test test-interrupts test-ui smoke gpu-check figures clean
+.PHONY: setup run lab test test-interrupts test-ui smoke interop gpu-check figures clean
 
 # JupyterLab defaults for the course (its documented overrides.json, in this venv only): code lines wrap at the
 # cell's edge instead of running off it.
@@ -42,7 +42,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser notebooks/00_setup.ipynb
 
 test: setup
-	$(PY) -m ruff check clt_lite tests benchmarks notebooks
+	$(PY) -m ruff check clt_lite tests benchmarks notebooks interop
 	$(PY) -m pytest tests notebooks -m "not interrupts" --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout 1800
 
@@ -61,6 +61,22 @@ test-ui: setup
 # LLaVA-1.5-7B's real widths in bfloat16 (2 layers, random weights) through notebooks 01-05 on the CPU (~7 min).
 smoke: setup
 	$(PY) -m clt_lite notebooks --config configs/llava-7b-smoke.yaml --only 01 02 03 04 05
+
+# A course CLT (JumpReLU) and the toy's language model opened in circuit-tracer 0.5.0 on both backends: logits,
+# reconstructions, graphs and scores must agree (interop/check.py, one JSON line, ~2 min plus the first set-up).
+# circuit-tracer pins transformers <= 4.57 and nnsight 0.6.1, so it gets a venv of its own.
+INTEROP_VENV := .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.setup-stamp
+
+$(INTEROP_STAMP):
+	test -x $(INTEROP_VENV)/bin/python || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(INTEROP_VENV)/bin/python -m pip install -q "circuit-tracer==0.5.0" "transformers==4.57.3" "nnsight==0.6.1" \
+		"transformer-lens==3.2.1"
+	touch $(INTEROP_STAMP)
+
+interop: setup $(INTEROP_STAMP)
+	$(PY) interop/check.py --ct-python $(INTEROP_VENV)/bin/python
 
 # Needs CUDA (exits 2 without it): the real LLaVA-1.5-7B architecture with random weights, one JSON line.
 gpu-check: setup
