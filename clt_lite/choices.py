@@ -15,6 +15,7 @@ Optimizer = Literal["adam", "adam-bf16", "adafactor"]  # TrainConfig.optimizer (
 Parallel = Literal["ddp", "fsdp"]  # TrainConfig.parallel under torchrun
 ReplacementKind = Literal["clt", "zero", "mean"]  # what stands in for the MLPs
 Loop = Literal["closed", "open"]  # whether a replacement reads its own residual stream or the original's
+Convention = Literal["circuit-tracer", "clt-lite"]  # what an attribution graph credits to no node (attribution/local.py)
 
 
 def names(choice) -> tuple[str, ...]:

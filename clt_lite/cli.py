@@ -150,7 +150,7 @@ def _cmd_attribute(args) -> dict:
         raise ValueError("give --prompt TEXT --out FILE.json (and --image PATH unless the prompt is text only), or "
                          "--ground-truth N")
     sample = data.Sample(datasets.load_image(args.image) if args.image else None, args.prompt, "", "user")
-    graph = attribution.attribute(loaded, clt, sample, max_feature_nodes=args.max_feature_nodes)
+    graph = attribution.attribute(loaded, clt, sample, max_feature_nodes=args.max_feature_nodes, convention=args.convention)
     exported = attribution.export_json(graph, args.out)
     scores = attribution.graph_scores(graph)
     print(f"graph with {len(exported['nodes'])} nodes and {len(exported['links'])} links written to {args.out}")
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Defaults come from the config dataclasses (CLTConfig, TrainConfig, CaptureConfig): one default per option.
     from . import plan
+    from .choices import Convention, names
     from .clt import ACTIVATIONS, CLTConfig
     from .sites import INPUT_SITES
     from .store import CaptureConfig
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--out", type=Path, help="graph JSON in circuit-tracer's format")
     at.add_argument("--ground-truth", type=int, metavar="N", help="hit rate over N held-out ShapesWorld prompts")
     at.add_argument("--max-feature-nodes", type=int, default=4096)
+    at.add_argument("--convention", default=names(Convention)[0], choices=names(Convention),
+                    help="circuit-tracer: BOS and b_dec credited to no node, the cap keeps features by influence; "
+                         "clt-lite: BOS kept, b_dec in the errors, the cap folds the rest into the errors")
     at.add_argument("--device", default="auto")
     at.add_argument("--seed", type=int, default=0)
     at.add_argument("--allow-other-model", action="store_true", help="use a CLT trained on another model's weights")

@@ -29,6 +29,7 @@ import yaml
 from safetensors.torch import load_file
 
 from clt_lite import attribution, circuit_tracer, course, data, models, sites
+from clt_lite.files import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "what color is the circle?"  # LLaVA's text-only chat form: "USER: ... ASSISTANT:"
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "cpu.yaml", help="the course config")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "cpu", help="the course's cache")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "interop")
+    parser.add_argument("--save", type=Path, help="also write the JSON line here (maintainers: benchmarks/results/)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = yaml.safe_load(args.config.read_text())
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                "prompt": ours["graphs"]["full"].prompt, "backends": backends,
                "topk_export_refused": topk_refused}
     print(json.dumps(summary))
+    if args.save:
+        write_json(args.save, summary)
     return 0 if summary["ok"] else 1
 
 

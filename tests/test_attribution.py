@@ -96,7 +96,7 @@ def test_clt_lite_convention_needs_no_constant(tiny, clt, samples):
     assert torch.allclose(incoming, local.pre_acts, atol=1e-4)
     last = _real_logits(tiny, samples[0])[-1]
     assert torch.allclose(graph.adjacency[graph.logit_start :].sum(1), (last - last.mean())[graph.logit_tokens], atol=1e-4)
-    with pytest.raises(ValueError, match="convention must be one of circuit-tracer, clt-lite"):
+    with pytest.raises(ValueError, match="unknown convention 'paper'; use one of circuit-tracer, clt-lite"):
         A.attribute(tiny, clt, samples[0], convention="paper")
 
 
@@ -248,7 +248,7 @@ def test_text_only_prompt(tiny, clt, samples):
                           atol=1e-4)
 
 
-def test_feature_cap_by_influence_keeps_a_submatrix_of_the_full_graph(tiny, clt, samples, graph):
+def test_feature_cap_by_influence_keeps_a_submatrix_of_the_full_graph(tiny, clt, samples, graph, monkeypatch):
     """circuit-tracer's cap: with one batch, the features of largest influence through the logit rows alone; their rows
     and columns are exactly those of the uncapped graph, every other feature is dropped."""
     capped = A.attribute(tiny, clt, samples[0], max_feature_nodes=50, batch_size=50)
@@ -265,7 +265,13 @@ def test_feature_cap_by_influence_keeps_a_submatrix_of_the_full_graph(tiny, clt,
     assert torch.allclose(capped.adjacency[rows].sum(1) + uncredited, A.target_values(local, capped), atol=1e-4)
     constant = _constant(local, graph)[torch.cat([expected, graph.n_features + torch.arange(len(graph.logit_tokens))])]
     assert (uncredited - constant).abs().max() > 1e-3  # the dropped features are in it
+    from clt_lite.attribution import graph as graph_module
+
+    rankings = []
+    ranked = graph_module._partial_influence
+    monkeypatch.setattr(graph_module, "_partial_influence", lambda *a: rankings.append(1) or ranked(*a))
     several = A.attribute(tiny, clt, samples[0], max_feature_nodes=50, batch_size=8)  # re-ranked as rows arrive
+    assert len(rankings) == 2  # 32 rows (4 batches of 8), re-rank, the last 18
     assert several.n_features == 50 and len({tuple(f) for f in several.features.tolist()} & {tuple(f) for f in capped.features.tolist()}) >= 25
 
 

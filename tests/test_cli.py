@@ -25,6 +25,10 @@ def test_capture_train_evaluate_end_to_end(tmp_path, capsys):
     graph = _run(capsys, "attribute", "--model", "random:tiny", "--clt", str(clt), "--image", str(tmp_path / "shapes.png"),
                  "--prompt", "What color is the circle?", "--out", str(tmp_path / "graph.json"), "--device", "cpu")
     assert graph["nodes"] > 36 and json.loads((tmp_path / "graph.json").read_text())["links"]
+    text_only = _run(capsys, "attribute", "--model", "random:tiny", "--clt", str(clt), "--prompt", "What color is the circle?",
+                     "--out", str(tmp_path / "text.json"), "--convention", "clt-lite", "--device", "cpu")
+    tokens = json.loads((tmp_path / "text.json").read_text())["metadata"]["prompt_tokens"]
+    assert text_only["nodes"] > 0 and "<image>" not in tokens and 0 <= text_only["replacement_score"] <= 1
     truth = _run(capsys, "attribute", "--model", "random:tiny", "--clt", str(clt), "--ground-truth", "6", "--device", "cpu")
     assert truth["n"] == 6 and abs(truth["graph_hit_rate"] * 6 - round(truth["graph_hit_rate"] * 6)) < 1e-9  # a count of 6
 

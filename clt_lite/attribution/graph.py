@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from .. import data
+from ..choices import Convention
 from ..clt import CrossLayerTranscoder
 from ..models import LoadedModel
-from .local import Convention, LocalReplacement, _linear
+from .local import LocalReplacement, _linear
 
 
 @dataclass
@@ -199,7 +200,7 @@ def _adjacency(local: LocalReplacement, logit_tokens: Tensor, logit_probs: Tenso
         kept, feature_rows = torch.arange(n_f), rows_of(torch.arange(n_f))
     else:
         visited, chosen, parts = torch.zeros(n_f, dtype=torch.bool), [], []
-        while len(chosen) < max_feature_nodes:
+        while int(visited.sum()) < max_feature_nodes:
             done = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
             influences = _partial_influence(torch.cat([logit_rows, *parts]), logit_probs,
                                             torch.cat([rows_of.n_sources + torch.arange(len(logit_tokens)), done]))

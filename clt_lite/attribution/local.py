@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import data, sites
+from ..choices import Convention, check
 from ..clt import CrossLayerTranscoder
 from ..models import LoadedModel
 from ..replacement import check_compatible
@@ -69,8 +70,6 @@ def record(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample) 
 # "clt-lite" (this course's earlier rule, kept because it makes every identity exact without a constant): BOS keeps
 # its features and errors, errors absorb b_dec, and a cap keeps the features of largest activation x decoder norm and
 # folds the rest into the error nodes.
-Convention = Literal["circuit-tracer", "clt-lite"]
-CONVENTIONS: tuple[str, ...] = ("circuit-tracer", "clt-lite")
 
 
 def _linear(module: nn.Linear, x: Tensor) -> Tensor:
@@ -116,8 +115,7 @@ class LocalReplacement:
                  max_feature_nodes: int = 4096, convention: Convention = "circuit-tracer"):
         if max_feature_nodes < 1:
             raise ValueError(f"max_feature_nodes must be >= 1, got {max_feature_nodes}")
-        if convention not in CONVENTIONS:
-            raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+        check("convention", convention, Convention)
         check_compatible(clt, loaded.model)
         self.convention = convention
         self.clt = clt
