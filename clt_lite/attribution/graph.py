@@ -157,12 +157,12 @@ class _Rows:
     write vector there.
     """
 
-    def __init__(self, local: LocalReplacement, logit_tokens: Tensor, batch_size: int):
+    def __init__(self, local: LocalReplacement, logit_tokens: Tensor, batch_size: int, n_rows: int):
         rec, self.local, self.logit_tokens = local.recorded, local, logit_tokens
         S, d = rec.embeds.shape
         self.n_f = len(local.features)
         self.n_sources = self.n_f + len(local.blocks) * S + S
-        self.B = min(batch_size, self.n_f + len(logit_tokens))
+        self.B = min(batch_size, n_rows)  # copies of the prompt: no more than the rows that will be computed
         self.embeds = rec.embeds.to(local.device).clone().requires_grad_()
         writes = (local._feature_writes(torch.ones(self.n_f, device=local.device)) + local.errors).detach().requires_grad_()
         self.points = [self.embeds.expand(self.B, S, d)] + [w.expand(self.B, S, d) for w in writes]  # per-copy gradients
@@ -194,7 +194,8 @@ def _adjacency(local: LocalReplacement, logit_tokens: Tensor, logit_probs: Tenso
     Otherwise circuit-tracer's order: logit rows, then batches of the features most influential on the logits so
     far (re-ranked every `update_interval` batches), until the cap; columns of features never chosen are dropped.
     """
-    rows_of, n_f = _Rows(local, logit_tokens, batch_size), len(local.features)
+    n_f = len(local.features)
+    rows_of = _Rows(local, logit_tokens, batch_size, min(n_f, max_feature_nodes) + len(logit_tokens))
     logit_rows = rows_of(n_f + torch.arange(len(logit_tokens)))
     if n_f <= max_feature_nodes:
         kept, feature_rows = torch.arange(n_f), rows_of(torch.arange(n_f))
