@@ -168,8 +168,8 @@ def export_language_model(loaded, out_dir: str | os.PathLike) -> Path:
     """Write the language model of a loaded LLaVA as a text-only LlamaForCausalLM folder (weights + tokenizer).
 
     Same weights, so on a text-only prompt it computes what the LLaVA computes. For transformers 4.x (circuit-tracer's
-    pin) the config also carries `rope_theta` at top level and the tokenizer is named PreTrainedTokenizerFast with only the fields
-    both versions read (5.x writes a class name and fields 4.x does not know).
+    pin) the config also carries `rope_theta` at top level, and the tokenizer config names PreTrainedTokenizerFast
+    and keeps only the fields both versions read (5.x writes a class name and fields 4.x does not know).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 

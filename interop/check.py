@@ -29,6 +29,7 @@ import yaml
 from safetensors.torch import load_file
 
 from clt_lite import attribution, circuit_tracer, course, data, models, sites
+from clt_lite.clt import CrossLayerTranscoder
 from clt_lite.files import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,16 @@ def course_jumprelu_clt(loaded, config: dict, run_dir: Path):
     return clt, result
 
 
-def our_side(loaded, clt, out: Path) -> dict:
+def replace_activation(clt, activation: str):
+    """The same weights under another activation (only the export's refusal is exercised with it)."""
+    with torch.device("meta"):
+        other = CrossLayerTranscoder(replace(clt.config, activation=activation))
+    state = {k: v for k, v in clt.state_dict().items() if k != "log_threshold"}
+    other.load_state_dict(state, assign=True)
+    return other
+
+
+def our_side(loaded, clt) -> dict:
     """Reconstructions and the graph of the text-only prompt, here."""
     sample = data.Sample(None, PROMPT, "", "text")
     encoded = data.encode_batch(loaded.processor, [sample])
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         topk_refused = str(refused)
     model_dir = circuit_tracer.export_language_model(loaded, args.out / "model")
     circuit_tracer.export(clt, args.out / "clt")
-    ours = our_side(loaded, clt, args.out)
+    ours = our_side(loaded, clt)
     theirs = args.out / "circuit-tracer"
     command = [args.ct_python, str(ROOT / "interop" / "circuit_tracer_side.py"), "--model", str(model_dir),
                "--clt", str(args.out / "clt"), "--token-ids", ",".join(map(str, ours["input_ids"]))]
@@ -131,17 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         write_json(args.save, summary)
     return 0 if summary["ok"] else 1
-
-
-def replace_activation(clt, activation: str):
-    """The same weights under another activation (only the export's refusal is exercised with it)."""
-    from clt_lite.clt import CrossLayerTranscoder
-
-    with torch.device("meta"):
-        other = CrossLayerTranscoder(replace(clt.config, activation=activation))
-    state = {k: v for k, v in clt.state_dict().items() if k != "log_threshold"}
-    other.load_state_dict(state, assign=True)
-    return other
 
 
 if __name__ == "__main__":

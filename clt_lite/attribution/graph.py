@@ -287,14 +287,19 @@ def _graph_rows(local: LocalReplacement, graph: AttributionGraph) -> Tensor:
     return rows
 
 
+def _targets(local: LocalReplacement, graph: AttributionGraph, out) -> Tensor:
+    """[n_f + n_logits] the graph's target rows read from a frozen run: feature pre-activations minus b_enc, logits
+    minus the mean logit."""
+    last = out.logits[-1]
+    return torch.cat([local.feature_reads(out.inputs)[_graph_rows(local, graph)],
+                      (last - last.mean())[graph.logit_tokens.to(last.device)]]).cpu()
+
+
 @torch.no_grad()
 def target_values(local: LocalReplacement, graph: AttributionGraph) -> Tensor:
     """[n_f + n_logits] what each target row of the graph measures in the frozen model: a feature's pre-activation
     minus its encoder bias, a logit minus the mean logit."""
-    out = local.run()
-    last = out.logits[-1]
-    return torch.cat([local.feature_reads(out.inputs)[_graph_rows(local, graph)],
-                      (last - last.mean())[graph.logit_tokens.to(last.device)]]).cpu()
+    return _targets(local, graph, local.run())
 
 
 @torch.no_grad()
@@ -305,7 +310,5 @@ def uncredited(local: LocalReplacement, graph: AttributionGraph) -> Tensor:
     L, S = graph.n_layers, graph.n_positions
     dropped = torch.ones(len(local.features))
     dropped[_graph_rows(local, graph)] = 0
-    out = local.run(feature_scale=dropped, error_scale=torch.zeros(L, S), embed_scale=torch.zeros(S))
-    last = out.logits[-1]
-    return torch.cat([local.feature_reads(out.inputs)[_graph_rows(local, graph)],
-                      (last - last.mean())[graph.logit_tokens.to(last.device)]]).cpu()
+    return _targets(local, graph, local.run(feature_scale=dropped, error_scale=torch.zeros(L, S),
+                                            embed_scale=torch.zeros(S)))
