@@ -3,11 +3,15 @@
 Each (expansion, path) configuration runs in its own child process so its peak memory is its own
 (ru_maxrss on CPU, max_memory_allocated on CUDA). Random activations of the right shape stand in for a
 model: speed and memory do not depend on the values. Also measured in the same run: a plain matmul of
-comparable size, the yardstick for the achieved FLOP/s, and the planner's upper bound for the device.
+comparable size, the yardstick for the achieved FLOP/s, the planner's upper bound for the device, and two floors
+for one step: its FLOPs done at the matmul's rate, and one pass over the memory it must touch (weights, gradients,
+optimizer states) at the bandwidth of a large in-place add. With --reference DIR (a checkout of another commit,
+e.g. `git worktree add /tmp/before HEAD~1`), the sparse path of that checkout runs too, in the same run.
 
     python benchmarks/bench_train.py                      # toy width: 32 layers, d=128, k=16, expansion 8 and 16
     python benchmarks/bench_train.py --device cuda --d-model 4096 --n-layers 32 --expansions 1 --cross-layer 4 \
         --batch-size 4096 --paths sparse                  # LLaVA-7B width on a GPU
+    ... --reference /tmp/before                           # also time the sparse path of another checkout
     ... --json                                            # last line: one JSON object
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# A worker for --reference imports clt_lite from the checkout named in this variable.
+sys.path.insert(0, os.environ.get("BENCH_CLT_LITE_ROOT", str(Path(__file__).resolve().parents[1])))
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
 from clt_lite.optim import RECIPES, make_optimizer, recipe  # noqa: E402
 from clt_lite.plan import ModelDims, plan  # noqa: E402
@@ -41,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--paths", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
     p.add_argument("--optimizer", default="adam", choices=list(RECIPES), help="recipe: parameter dtype + optimizer")
+    p.add_argument("--reference", metavar="DIR", help="also time the sparse path of the clt_lite in this checkout")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--worker", nargs=2, metavar=("EXPANSION", "PATH"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -110,9 +117,32 @@ def matmul_flops(args: argparse.Namespace, n_latents: int) -> float:
     return 2 * args.batch_size * n_latents * args.n_layers * args.d_model * reps / (time.perf_counter() - start)
 
 
+def bandwidth_bytes_per_s(args: argparse.Namespace) -> float:
+    """Bytes/s of a.add_(b) over 256 MB tensors (reads a and b, writes a): the memory-pass yardstick."""
+    device = torch.device(args.device)
+    a, b = (torch.ones(2**26, device=device) for _ in range(2))
+    a.add_(b)
+    sync(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 1.0:
+        a.add_(b)
+        reps += 1
+    sync(device)
+    return 3 * a.numel() * a.element_size() * reps / (time.perf_counter() - start)
+
+
+def step_flops(cfg: CLTConfig, p, tokens: int) -> float:
+    """FLOPs of one step as the sparse path does it: the encoder's dense forward, its backward through the k
+    selected latents (input and weight gradients), and the sparse decoder forward plus twice that for backward."""
+    sparse_encoder_backward = 2 * 2 * cfg.n_layers * cfg.k * cfg.d_model
+    return tokens * (p.encoder_flops_per_token + sparse_encoder_backward + 3 * p.decoder_flops_per_token_sparse)
+
+
 def run_child(args: argparse.Namespace, expansion: int, path: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--worker", str(expansion), path]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    reference = path.endswith("@reference")
+    cmd = [sys.executable, __file__, *argv, "--worker", str(expansion), path.removesuffix("@reference")]
+    env = {**os.environ, "BENCH_CLT_LITE_ROOT": str(Path(args.reference).resolve())} if reference else None
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"worker {expansion}/{path} failed: {done.stderr.strip().splitlines()[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -128,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     device_preset = "h200" if args.device.startswith("cuda") else "cpu-2core"
     dims = ModelDims(args.n_layers, args.d_model, f"{args.n_layers}x{args.d_model}")
     rows, results = [], {}
+    paths = [*args.paths, *(["sparse@reference"] if args.reference else [])]
+    bandwidth = bandwidth_bytes_per_s(args)
+    printed = 0
     print(f"CLT training step, {args.n_layers} layers x d={args.d_model}, k={args.k}, "
           f"cross_layer={args.cross_layer or 'full'}, batch {args.batch_size} tokens, {args.device}, "
           f"torch threads {torch.get_num_threads()}")
@@ -137,15 +170,28 @@ def main(argv: list[str] | None = None) -> None:
         mm = matmul_flops(args, cfg.num_latents)
         entry = {"n_latents": cfg.num_latents, "params": p.total_params, "matmul_flops": mm,
                  "planner_max_tokens_per_s": p.max_tokens_per_s, "planner_training_gib": p.training_bytes / 2**30}
-        for path in args.paths:
+        for path in paths:
             r = run_child(args, expansion, path, parent_argv)
-            dec = p.decoder_flops_per_token_sparse if path == "sparse" else p.decoder_flops_per_token_dense
+            dec = p.decoder_flops_per_token_dense if path == "dense" else p.decoder_flops_per_token_sparse
             r["flops"] = 3 * (p.encoder_flops_per_token + dec) * r["tokens_per_s"]
             r["flops_vs_matmul"] = r["flops"] / mm
             entry[path] = r
-            rows.append(f"  x{expansion:<3} n={cfg.num_latents:<6} {path:<6} {r['tokens_per_s']:>10,.0f} tok/s  "
+            rows.append(f"  x{expansion:<3} n={cfg.num_latents:<6} {path:<16} {r['tokens_per_s']:>10,.0f} tok/s  "
                         f"{r['step_s']:>8.3f} s/step  peak {r['peak_mb']:>8,.0f} MB (base {r['base_mb']:,.0f})  "
                         f"{r['flops'] / 1e9:>8.2f} GFLOP/s = {r['flops_vs_matmul']:.2f} x matmul")
+        if "sparse" in entry:
+            compute_floor = step_flops(cfg, p, args.batch_size) / mm
+            memory_floor = p.training_bytes / bandwidth
+            entry["floors_s"] = {"compute": compute_floor, "memory": memory_floor}
+            entry["step_over_floors"] = entry["sparse"]["step_s"] / (compute_floor + memory_floor)
+            rows.append(f"  x{expansion:<3} floors: compute {compute_floor:.3f} s (step FLOPs at matmul rate) + memory "
+                        f"{memory_floor:.3f} s (weights+grads+optimizer at {bandwidth / 1e9:.1f} GB/s); "
+                        f"sparse step = {entry['step_over_floors']:.1f} x their sum")
+        if "sparse@reference" in entry:
+            entry["speedup_over_reference"] = entry["sparse"]["tokens_per_s"] / entry["sparse@reference"]["tokens_per_s"]
+            entry["memory_ratio_reference_over_sparse"] = entry["sparse@reference"]["peak_mb"] / entry["sparse"]["peak_mb"]
+            rows.append(f"  x{expansion:<3} sparse vs {args.reference}: {entry['speedup_over_reference']:.2f}x tokens/s, "
+                        f"reference/sparse peak memory {entry['memory_ratio_reference_over_sparse']:.2f}x")
         if {"sparse", "dense"} <= set(args.paths):
             entry["speedup_sparse_over_dense"] = entry["sparse"]["tokens_per_s"] / entry["dense"]["tokens_per_s"]
             entry["memory_ratio_dense_over_sparse"] = entry["dense"]["peak_mb"] / entry["sparse"]["peak_mb"]
@@ -154,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(f"  x{expansion:<3} matmul {mm / 1e9:.1f} GFLOP/s; planner ({device_preset}) upper bound "
                     f"{p.max_tokens_per_s:,.0f} tok/s, weights+grads+{args.optimizer} {p.training_bytes / 2**30:.2f} GiB")
         results[f"x{expansion}"] = entry
-        print("\n".join(rows[-len(args.paths) - 2:]), flush=True)
+        print("\n".join(rows[printed:]), flush=True)
+        printed = len(rows)
     if args.json:
         print(json.dumps({"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
                           "results": results}))

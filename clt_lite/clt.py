@@ -30,6 +30,7 @@ from .activations import batch_topk, compact, jump_relu
 from .choices import Activation, DType, InputSite, check, names
 from .devices import DTYPES
 from .files import atomic_write
+from .kernels import selected_pre_acts, sum_into_targets
 from .tensor_files import TensorDigest, check_names, open_safetensors
 
 CONFIG_FILE = "config.json"
@@ -198,17 +199,32 @@ class CrossLayerTranscoder(nn.Module):
     def encode(self, x: Tensor) -> Encoding:
         """x [B, L, d] (normalised) -> the kept latents per token and layer."""
         cfg = self.config
-        pre = torch.einsum("bld,lnd->bln", x, self.W_enc) + self.b_enc
-        if cfg.activation == "topk":
-            values, indices = pre.relu().topk(cfg.k, dim=-1, sorted=False)
-        elif cfg.activation == "batchtopk":
-            values, indices = compact(batch_topk(pre.relu(), cfg.k))
-        else:
-            threshold = self.log_threshold.exp()
-            values, indices = compact(jump_relu(pre, threshold, cfg.jumprelu_bandwidth))
+        if cfg.activation == "jumprelu":  # the threshold's gradient needs every pre-activation near it
+            pre = self._pre_acts(x)
+            values, indices = compact(jump_relu(pre, self.log_threshold.exp(), cfg.jumprelu_bandwidth))
+        else:  # select without gradient, then differentiate through the selected latents only
+            with torch.no_grad():
+                pre = self._pre_acts(x)
+                if cfg.activation == "topk":  # the top k of pre are those of relu(pre); the ReLU comes below
+                    selected, indices = pre.topk(cfg.k, dim=-1, sorted=False)
+                else:
+                    selected, indices = compact(batch_topk(pre.relu(), cfg.k))
+                indices = indices.contiguous()
+            values = self.pre_acts_at(x, pre, indices).relu()
+            if cfg.activation == "batchtopk":  # compact's padding slots hold latents the batch did not select
+                values = values * (selected > 0)
         if cfg.post_encoder_scale:
             values = values * self.post_enc_scale.expand(x.shape[0], -1, -1).gather(-1, indices)
         return Encoding(values, indices, pre)
+
+    def _pre_acts(self, x: Tensor) -> Tensor:
+        """x [B, L, d] -> W_enc x + b_enc [B, L, n], a view of one [L, B, n] baddbmm (bias added in the same pass)."""
+        return torch.baddbmm(self.b_enc[:, None], x.transpose(0, 1), self.W_enc.transpose(1, 2)).transpose(0, 1)
+
+    def pre_acts_at(self, x: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
+        """pre [B, L, n] (Encoding.pre_acts of x, no gradient) at `indices` [B, L, k'], differentiable in x and the
+        encoder through those entries only (what TopK's gradient touches; AuxK uses it for the dead latents)."""
+        return selected_pre_acts(x, self.W_enc, self.b_enc, pre, indices)
 
     def check_feature(self, layer: int, feature: int) -> None:
         """One-line errors for a layer or feature index this CLT does not have."""
@@ -249,12 +265,9 @@ class CrossLayerTranscoder(nn.Module):
         Per source s, embedding_bag gathers only the k' active rows of W_dec[s] viewed as
         [n, n_targets*d] and sums them weighted by the activations: O(k d) per pair instead of O(n d).
         """
-        parts: list[list[Tensor]] = [[] for _ in range(self.config.n_layers)]
-        for s, decoder in enumerate(self.decoders):  # through each module's forward: FSDP gathers one source at a time
-            contributions = decoder(values[:, s], indices[:, s]).unflatten(1, decoder.weight.shape[1:])
-            for offset, part in enumerate(contributions.unbind(1)):
-                parts[s + offset].append(part)
-        return torch.stack([sum(p) for p in parts], dim=1)
+        # Through each module's forward: FSDP gathers one source at a time.
+        parts = [decoder(v, i) for decoder, v, i in zip(self.decoders, values.unbind(1), indices.unbind(1))]
+        return sum_into_targets(parts, self.config.n_layers, self.config.d_model)
 
     def latent_sum_dense(self, values: Tensor, indices: Tensor) -> Tensor:
         """Readable reference for latent_sum: scatter to dense [B, n] activations and contract with W_dec."""
@@ -323,7 +336,7 @@ class CrossLayerTranscoder(nn.Module):
         mean_x = inputs.mean(0).to(self.W_enc.dtype)
         self.b_enc.copy_(-torch.einsum("lnd,ld->ln", self.W_enc, mean_x))
         if self.config.activation == "jumprelu":
-            pre = torch.einsum("bld,lnd->bln", inputs.to(self.W_enc.dtype), self.W_enc) + self.b_enc
+            pre = self._pre_acts(inputs.to(self.W_enc.dtype))
             per_layer = pre.transpose(0, 1).reshape(self.config.n_layers, -1)
             kth = per_layer.topk(min(inputs.shape[0] * self.config.k, per_layer.shape[1]), dim=-1).values[:, -1]
             self.log_threshold.copy_(kth.clamp(min=1e-3).log()[:, None].expand_as(self.log_threshold))

@@ -129,7 +129,7 @@ def _target_variance(targets: Tensor, ranks: parallel.Ranks) -> Tensor:
     return (squares - sums.pow(2).sum(-1) / count).float().clamp(min=1e-12)
 
 
-def _aux_k_loss(clt: CrossLayerTranscoder, pre_acts: Tensor, residual: Tensor, dead: Tensor,
+def _aux_k_loss(clt: CrossLayerTranscoder, x: Tensor, pre_acts: Tensor, residual: Tensor, dead: Tensor,
                 variance: Tensor) -> Tensor:
     """AuxK (Gao et al. 2024): the top k_aux dead latents per token and layer predict the residual error.
 
@@ -140,8 +140,9 @@ def _aux_k_loss(clt: CrossLayerTranscoder, pre_acts: Tensor, residual: Tensor, d
     if n_dead == 0:
         return pre_acts.new_zeros(())
     k_aux = min(clt.config.d_model // 2, clt.config.num_latents)
-    values, indices = pre_acts.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False)
-    predicted = clt.latent_sum(values.relu(), indices)
+    with torch.no_grad():
+        indices = pre_acts.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+    predicted = clt.latent_sum(clt.pre_acts_at(x, pre_acts, indices).relu(), indices)
     scale = min(n_dead / (k_aux * clt.config.n_layers), 1.0)
     return scale * ((predicted.float() - residual).pow(2).sum((0, 2)) / variance).mean()
 
@@ -389,7 +390,7 @@ def _loss(model: torch.nn.Module, clt: CrossLayerTranscoder, cfg: TrainConfig, x
         loss = fvu.mean()
         if cfg.aux_k_coef > 0:
             residual = (y - out.reconstruction.float()).detach()
-            loss = loss + cfg.aux_k_coef * _aux_k_loss(clt, out.pre_acts, residual, dead, variance)
+            loss = loss + cfg.aux_k_coef * _aux_k_loss(clt, x, out.pre_acts, residual, dead, variance)
         if clt.config.activation == "jumprelu" and cfg.sparsity_coef > 0:
             penalty = clt.sparsity_penalty(out.values, out.indices, cfg.sparsity_c).float().sum()
             loss = loss + cfg.sparsity_coef * penalty / global_tokens

@@ -107,6 +107,54 @@ def test_sparse_and_dense_decode_match_in_value_and_gradient(activation):
     assert all(w.abs().sum() > 0 for w in w1)
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_encoder_gradient_through_selected_latents_equals_the_dense_one(activation):
+    """encode differentiates only through the selected latents; the dense formula (relu, then top-k or the batch's
+    top B*k, gradient through all [B, L, n] pre-activations) must give the same values and gradients, x included."""
+    from clt_lite.activations import batch_topk, compact
+
+    clt = make(activation=activation, post_encoder_scale=True)
+    x, y = batch(b=10)
+    clt.initialize_from_batch(x, y)
+    results = []
+    for sparse in (True, False):
+        xs = x.clone().requires_grad_(True)
+        clt.zero_grad()
+        if sparse:
+            enc = clt.encode(xs)
+            values, indices = enc.values, enc.indices
+        else:
+            pre = torch.einsum("bld,lnd->bln", xs, clt.W_enc) + clt.b_enc
+            dense = pre.relu().topk(K, dim=-1) if activation == "topk" else compact(batch_topk(pre.relu(), K))
+            values, indices = dense[0] * clt.post_enc_scale.expand(10, -1, -1).gather(-1, dense[1]), dense[1]
+        order = values.detach().argsort(-1)  # compare slot by slot in a common order
+        values, indices = values.gather(-1, order), indices.gather(-1, order)
+        (values * torch.linspace(-1, 1, values.numel()).reshape(values.shape)).sum().backward()
+        results.append((values.detach(), xs.grad, clt.W_enc.grad.clone(), clt.b_enc.grad.clone(), clt.post_enc_scale.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert results[0][2].abs().sum() > 0
+
+
+def test_aux_k_gradient_reaches_dead_latents_only_through_their_pre_activations():
+    from clt_lite.train import _aux_k_loss
+
+    clt = make()
+    x, y = batch(b=10)
+    clt.initialize_from_batch(x, y)
+    dead = torch.zeros(L, N, dtype=torch.bool)
+    dead[:, :5] = True
+    enc = clt.encode(x)
+    residual, variance = y - clt.decode(enc.values, enc.indices).detach(), torch.ones(L)
+    _aux_k_loss(clt, x, enc.pre_acts, residual, dead, variance).backward()
+    sparse_grad = clt.W_enc.grad.clone()
+    clt.zero_grad()
+    pre = torch.einsum("bld,lnd->bln", x, clt.W_enc) + clt.b_enc  # the dense reference
+    _aux_k_loss(clt, x, pre, residual, dead, variance).backward()
+    torch.testing.assert_close(sparse_grad, clt.W_enc.grad, rtol=1e-5, atol=1e-6)
+    assert sparse_grad[:, 5:].abs().sum() == 0 and sparse_grad[:, :5].abs().sum() > 0
+
+
 def test_topk_keeps_exactly_k_largest():
     clt = make()
     x, _ = batch()
