@@ -131,13 +131,6 @@ def bandwidth_bytes_per_s(args: argparse.Namespace) -> float:
     return 3 * a.numel() * a.element_size() * reps / (time.perf_counter() - start)
 
 
-def step_flops(cfg: CLTConfig, p, tokens: int) -> float:
-    """FLOPs of one step as the sparse path does it: the encoder's dense forward, its backward through the k
-    selected latents (input and weight gradients), and the sparse decoder forward plus twice that for backward."""
-    sparse_encoder_backward = 2 * 2 * cfg.n_layers * cfg.k * cfg.d_model
-    return tokens * (p.encoder_flops_per_token + sparse_encoder_backward + 3 * p.decoder_flops_per_token_sparse)
-
-
 def run_child(args: argparse.Namespace, expansion: int, path: str, argv: list[str]) -> dict:
     reference = path.endswith("@reference")
     cmd = [sys.executable, __file__, *argv, "--worker", str(expansion), path.removesuffix("@reference")]
@@ -173,14 +166,14 @@ def main(argv: list[str] | None = None) -> None:
         for path in paths:
             r = run_child(args, expansion, path, parent_argv)
             dec = p.decoder_flops_per_token_dense if path == "dense" else p.decoder_flops_per_token_sparse
-            r["flops"] = 3 * (p.encoder_flops_per_token + dec) * r["tokens_per_s"]
+            r["flops"] = (p.train_flops_per_token + 3 * (dec - p.decoder_flops_per_token_sparse)) * r["tokens_per_s"]
             r["flops_vs_matmul"] = r["flops"] / mm
             entry[path] = r
             rows.append(f"  x{expansion:<3} n={cfg.num_latents:<6} {path:<16} {r['tokens_per_s']:>10,.0f} tok/s  "
                         f"{r['step_s']:>8.3f} s/step  peak {r['peak_mb']:>8,.0f} MB (base {r['base_mb']:,.0f})  "
                         f"{r['flops'] / 1e9:>8.2f} GFLOP/s = {r['flops_vs_matmul']:.2f} x matmul")
         if "sparse" in entry:
-            compute_floor = step_flops(cfg, p, args.batch_size) / mm
+            compute_floor = p.train_flops_per_token * args.batch_size / mm
             memory_floor = p.training_bytes / bandwidth
             entry["floors_s"] = {"compute": compute_floor, "memory": memory_floor}
             entry["step_over_floors"] = entry["sparse"]["step_s"] / (compute_floor + memory_floor)

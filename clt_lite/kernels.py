@@ -35,14 +35,16 @@ class _SelectedPreActs(torch.autograd.Function):
             grad_x = torch.stack([F.embedding_bag(indices[:, layer], W_enc[layer], mode="sum",
                                                   per_sample_weights=grad[:, layer].to(W_enc.dtype))
                                   for layer in range(n_layers)], 1).to(x.dtype)
-        if ctx.needs_input_grad[1]:  # per layer, so the [B*k, d] outer products stay small
-            grad_W = torch.zeros_like(W_enc)
+        if ctx.needs_input_grad[1]:  # per layer, so the [B*k, d] outer products stay small; summed in float32
+            grad_W = torch.empty_like(W_enc)
             for layer in range(n_layers):
-                rows = (grad[:, layer, :, None] * x[:, layer, None, :].to(grad.dtype)).reshape(-1, d)
-                grad_W[layer].index_add_(0, indices[:, layer].reshape(-1), rows.to(W_enc.dtype))
+                rows = (grad[:, layer, :, None].float() * x[:, layer, None, :].float()).reshape(-1, d)
+                summed = rows.new_zeros(n, d).index_add_(0, indices[:, layer].reshape(-1), rows)
+                grad_W[layer].copy_(summed)
         if ctx.needs_input_grad[2]:
             flat = indices.transpose(0, 1).reshape(n_layers, -1)
-            grad_b = grad.new_zeros(n_layers, n).scatter_add_(1, flat, grad.transpose(0, 1).reshape(n_layers, -1))
+            grad_b = grad.new_zeros(n_layers, n, dtype=torch.float32).scatter_add_(
+                1, flat, grad.transpose(0, 1).reshape(n_layers, -1).float())
         return grad_x, grad_W, None if grad_b is None else grad_b.to(W_enc.dtype), None, None
 
 

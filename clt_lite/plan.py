@@ -90,7 +90,7 @@ class Plan:
     decoder_flops_per_token_dense: int  # forward through dense activations: 2 n d pairs
     decoder_flops_per_token_sparse: int  # forward with k active latents: 2 k d pairs
     decoder_bytes_per_token_sparse: int  # decoder rows gathered per token, forward: k d pairs in param_dtype
-    train_flops_per_token: int  # 3 x (encoder + sparse decoder) forward: forward plus twice for backward
+    train_flops_per_token: int  # forward plus backward (twice the forward; the encoder's sparse for TopK and BatchTopK)
     disk_bytes_per_token: int  # input + target site of every layer in act_dtype
     optimizer: str  # the recipe (clt_lite.optim.RECIPES) the bytes assume
     batch_size: int  # tokens per step, summed over GPUs, used for the bounds
@@ -198,8 +198,12 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
     grads = grad_bytes(optimizer, shapes, data_parallel=gpus > 1)
     training_bytes = weight_bytes + grads + optimizer_bytes + temporary
 
+    # JumpReLU keeps the dense pre-activations' gradient too; TopK and BatchTopK differentiate through the k selected
+    # latents only (clt_lite.kernels), so only the pre-activations themselves are held (AuxK reads them).
+    dense_per_latent = 2 if clt_config.activation == "jumprelu" else 1
+
     def batch_share(g: int) -> int:  # one GPU's share of the batch on g GPUs: inputs, targets, reconstruction
-        return 4 * (batch_size // g) * L * (3 * d + 2 * n)  # (B L d) and pre-activations with their gradient (2 B L n), fp32
+        return 4 * (batch_size // g) * L * (3 * d + dense_per_latent * n)  # (B L d) and pre-activations (B L n), fp32
 
     batch_bytes = batch_share(gpus)
     root_shapes, decoder_shapes = shapes[:-L], shapes[-L:]  # param_shapes lists the decoders last
@@ -210,7 +214,9 @@ def plan(dims: ModelDims, clt_config: CLTConfig, optimizer: str = "adam", device
     enc_flops = 2 * L * d * n
     dec_dense, dec_sparse = 2 * n * d * pairs, 2 * k * d * pairs
     dec_bytes = k * d * pairs * BYTES_PER_DTYPE[param_dtype]
-    train_flops = 3 * (enc_flops + dec_sparse)
+    # Forward plus twice that for backward; a TopK or BatchTopK encoder's backward touches only the k selected latents.
+    enc_backward = 2 * enc_flops if clt_config.activation == "jumprelu" else 2 * 2 * L * k * d
+    train_flops = enc_flops + enc_backward + 3 * dec_sparse
     compute = bandwidth = best = fits = None
     if device is not None:
         compute = device.flops / train_flops
