@@ -22,7 +22,9 @@ DEFINITIONS = {
     "02": {"24": "LLaVA-1.5's patch grid", "336": "LLaVA-1.5's image size", "14": "LLaVA-1.5's patch size",
            "1.5": "the model's name"},
     "04": {"50": "the claim of the design the course grew from", "80": "the filtered subset's definition",
-           "90": "the course's agreement goal", "5": "the course's accuracy goal"},
+           "90": "the course's agreement goal", "5": "the course's accuracy goal",
+           "32": "LLaVA-1.5-7B's decoder layers, a fact of the model", "31": "what targets from L+1 cover of 32 layers",
+           "1.5": "the model's name", "7": "the model's name (7B)"},
 }
 
 
