@@ -200,7 +200,7 @@ class CrossLayerTranscoder(nn.Module):
         """x [B, L, d] (normalised) -> the kept latents per token and layer."""
         cfg = self.config
         if cfg.activation == "jumprelu":  # the threshold's gradient needs every pre-activation near it
-            pre = self._pre_acts(x)
+            pre = self._pre_acts(x).contiguous()  # FSDP2 hooks outputs that need a gradient; a view could lose its hook
             values, indices = compact(jump_relu(pre, self.log_threshold.exp(), cfg.jumprelu_bandwidth))
         else:  # select without gradient, then differentiate through the selected latents only
             with torch.no_grad():
