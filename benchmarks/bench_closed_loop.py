@@ -1,6 +1,6 @@
 """Where the closed-loop replacement loses fidelity, and what remedies buy: measured in one run.
 
-For the course CLT (configs/cpu.yaml's recipe on notebook 02's store) and each remedy variant, the closed-loop
+For the course CLT (configs/cpu.yaml's recipe, or --config's, on notebook 02's store) and each remedy variant, the closed-loop
 replacement model is scored on held-out ShapesWorld questions (the test split notebook 04 uses) three ways:
 
   all      every MLP replaced by the CLT
@@ -31,12 +31,14 @@ import torch
 
 from clt_lite import course, data, models
 from clt_lite import replacement as R
+from clt_lite.notebooks import ROOT, load_config
 
 VARIANTS = ("course", "skip", "x16", "tokens4x")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "cpu.yaml"), help="the course recipe the variants change")
     p.add_argument("--run-dir", default="runs/cpu", help="the course's cache (notebook 02's store, notebook 03's CLT)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=variant, help=f"any of {VARIANTS}, or joined by + (with seedN too)")
     p.add_argument("--samples", type=int, default=200, help="held-out questions (test split)")
@@ -50,10 +52,11 @@ def variant(name: str) -> str:
     return name
 
 
-def variant_configs(loaded, name: str):
-    """Notebook 03's configs (configs/cpu.yaml's values) changed as the variant's parts say."""
-    clt_config, train_config = course.configs(loaded, expansion_factor=8, k=16, cross_layer=0, train_tokens=262144,
-                                              batch_size=1024, seed=0, device="cpu")
+def variant_configs(loaded, recipe: dict, name: str):
+    """Notebook 03's configs from the course recipe, changed as the variant's parts say."""
+    clt_config, train_config = course.configs(loaded, recipe["expansion_factor"], recipe["k"], recipe["cross_layer"],
+                                              recipe["train_tokens"], recipe["batch_size"], recipe["seed"], "cpu",
+                                              recipe["optimizer"])
     parts = set(name.split("+"))
     if "skip" in parts:
         clt_config = replace(clt_config, skip_connection=True)
@@ -69,16 +72,18 @@ def variant_configs(loaded, name: str):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.manual_seed(0)
-    loaded = models.load(device="cpu")
-    source = course.training_source(loaded, args.run_dir, stream=False, capture_samples=1500, progress=False)
-    samples = data.shapes_world(args.samples, "test", seed=0, world=loaded.world)
+    recipe = load_config(args.config)
+    torch.manual_seed(recipe["seed"])
+    loaded = models.load(recipe["model"], device="cpu")
+    source = course.training_source(loaded, args.run_dir, stream=False, capture_samples=recipe["capture_samples"],
+                                    seed=recipe["seed"], store_dtype=recipe["store_dtype"], progress=False)
+    samples = data.shapes_world(args.samples, "test", seed=recipe["seed"], world=loaded.world)
     L = loaded.n_layers
     results = {}
     print(f"{loaded.name}: {L} layers, {len(samples)} held-out questions, closed loop")
     print(f"{'variant':<9} {'train s':>7}  {'KL all':>7} {'KL kept0':>8} {'KL only0':>8}  {'agr all':>7} {'agr kept0':>9} {'agr only0':>9}")
     for name in args.variants:
-        clt_config, train_config = variant_configs(loaded, name)
+        clt_config, train_config = variant_configs(loaded, recipe, name)
         start = time.perf_counter()
         clt, trained = course.train_clt(source, args.run_dir, clt_config, train_config, progress=False)
         seconds = time.perf_counter() - start
