@@ -53,10 +53,25 @@ def _intervene_recorded(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: 
     """intervene_many given the sample's recorded original pass (so a sweep records it once)."""
     if not features:
         raise ValueError("intervene_many needs at least one (layer, position, latent) feature")
-    cfg = clt.config
+    activations = feature_activations(clt, rec, features)
+    inactive = [f for f, a in zip(features, activations) if a == 0]
+    if inactive:
+        layer, position, latent = inactive[0]
+        raise ValueError(f"feature L{layer} #{latent} is not active at position {position} (activation 0), so scaling it "
+                         f"changes nothing; pick active features, e.g. from graph.features or ranked_features(graph)")
+    edits = [(layer, position, latent, (scale - 1) * a) for (layer, position, latent), a in zip(features, activations)]
+    logits = edited_logits(loaded, clt, sample, rec, edits)
+    original = rec.logits[-1].float().to(logits.device)
+    top = int(original.argmax())
+    decode = loaded.processor.tokenizer.decode
+    return Intervention(decode([top]).strip(), decode([int(logits.argmax())]).strip(), sum(activations),
+                        float(logits[top] - original[top]), float(original.softmax(-1)[top]), float(logits.softmax(-1)[top]))
+
+
+def feature_activations(clt: CrossLayerTranscoder, rec: Recorded, features: Sequence[tuple[int, int, int]]) -> list[float]:
+    """Each (layer, position, latent) feature's activation in the recorded pass (0 where it is not active)."""
     x = rec.inputs.to(clt.b_dec.device, clt.b_dec.dtype) * clt.input_scale.to(clt.b_dec.dtype)[:, None, None]
-    delta: dict[int, Tensor] = {}
-    total = 0.0
+    out = []
     with torch.no_grad():
         for layer, position, feature in features:
             clt.check_feature(layer, feature)
@@ -64,12 +79,23 @@ def _intervene_recorded(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: 
                 raise ValueError(f"position {position} out of range: the prompt has {len(rec.input_ids)} tokens "
                                  f"(0..{len(rec.input_ids) - 1})")
             values, indices = clt.encode_layer(layer, x[layer, position][None])
-            activation = float((values[0] * (indices[0] == feature)).sum())
-            total += activation
+            out.append(float((values[0] * (indices[0] == feature)).sum()))
+    return out
+
+
+def edited_logits(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample, rec: Recorded,
+                  edits: Sequence[tuple[int, int, int, float]]) -> Tensor:
+    """Final-position logits of the real model with feature activations changed: each edit (layer, position, latent,
+    change) adds change * W_dec[layer->t] / target_scale[t] to mlp_out[t] at that position for every target t the
+    feature writes; everything downstream is recomputed by the real (unfrozen) model."""
+    cfg = clt.config
+    delta: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for layer, position, feature, change in edits:
             W = clt.W_dec[layer][feature].float() / clt.target_scale[layer : layer + cfg.n_targets(layer), None].float()
             for offset in range(len(W)):
                 target = delta.setdefault(layer + offset, torch.zeros(len(rec.input_ids), W.shape[-1]))
-                target[position] += (scale - 1) * activation * W[offset].cpu()
+                target[position] += change * W[offset].cpu()
 
     def patch(l: int, mlp_out: Tensor, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
         return mlp_out + delta[l].to(mlp_out)
@@ -77,12 +103,7 @@ def _intervene_recorded(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: 
     model = loaded.model
     encoded = data.encode_batch(loaded.processor, [sample])
     with torch.no_grad(), sites.patch_mlp_out(model, patch, layers=sorted(delta)):
-        logits = model(**encoded.model_inputs(model)).logits[0, -1].float()
-    original = rec.logits[-1].float().to(logits.device)
-    top = int(original.argmax())
-    decode = loaded.processor.tokenizer.decode
-    return Intervention(decode([top]).strip(), decode([int(logits.argmax())]).strip(), total,
-                        float(logits[top] - original[top]), float(original.softmax(-1)[top]), float(logits.softmax(-1)[top]))
+        return model(**encoded.model_inputs(model)).logits[0, -1].float()
 
 
 def ranked_features(graph: AttributionGraph, logit: int = 0) -> list[tuple[int, int, int]]:
