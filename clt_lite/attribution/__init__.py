@@ -35,9 +35,11 @@ stays a live linear path (like attention) rather than part of the error.
 
 Modules, each importing only those listed before it: `local` (the recorded pass, the frozen linear
 model), `graph` (AttributionGraph, attribute), `pruning` (influence, prune, scores), `interventions`
-(feature ablations in the real model), `ground_truth` (ShapesWorld hit rates), `export` (circuit-tracer JSON).
+(feature ablations in the real model), `ground_truth` (ShapesWorld hit rates), `circuits` (route shares through attention),
+`export` (circuit-tracer JSON).
 """
 
+from .circuits import RouteShares, object_positions, route_shares
 from .export import export_json, to_circuit_tracer_json
 from .graph import AttributionGraph, attribute, target_values, uncredited
 from .ground_truth import SINGLE_OBJECT_FAMILIES, FamilyHits, GroundTruth, answer_token, gradient_x_input, ground_truth_hit_rate, ground_truth_samples
@@ -49,6 +51,8 @@ from .interventions import (
     ablation_curve,
     ablation_effects,
     ablation_flip_rate,
+    edited_logits,
+    feature_activations,
     intervene,
     intervene_many,
     ranked_features,
