@@ -205,7 +205,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     original_attention = model.config._attn_implementation
     if config.attention_aux_weight:
         model.set_attn_implementation("eager")  # the auxiliary loss needs the attention probabilities
-    supervised_layer = model.model.language_model.layers[config.n_layers // 2].self_attn
+    supervised_layer = model.model.language_model.layers[supervised_head(config.n_layers)[0]].self_attn
     bar = tqdm(total=config.steps, initial=step, desc="toy", disable=not progress)
     start_time = time.time()
     while step < config.steps:
@@ -255,6 +255,14 @@ def training_sample(index: int, config: ToyConfig) -> data.Sample:
     return data.shapes_sample(index, "train", config.seed, family=family)
 
 
+SUPERVISED_HEAD = 0  # the head of the middle layer that the auxiliary loss trains
+
+
+def supervised_head(n_layers: int) -> tuple[int, int]:
+    """(layer, head) whose attention the auxiliary loss trains to look at the asked-about object: head 0 of the middle layer."""
+    return n_layers // 2, SUPERVISED_HEAD
+
+
 def attention_aux_loss(attention: torch.Tensor, samples: list[data.Sample], batch: data.EncodedBatch, processor,
                        world: data.WorldConfig = data.WorldConfig()) -> torch.Tensor:
     """Mean -log(attention mass of head 0, at the last prompt token, on the patches of the object asked about).
@@ -277,7 +285,7 @@ def attention_aux_loss(attention: torch.Tensor, samples: list[data.Sample], batc
                 cells = [s.cell for s in sample.shapes if (s.colour, s.kind) == (asked.colour, asked.kind)]
             first_patch = int((batch.input_ids[row] == image_token).nonzero()[0])
             targets = [first_patch + patch for cell in cells for patch in world.cell_patches(cell)]
-        losses.append(-torch.log(attention[row, 0, last_prompt_token, targets].sum() + 1e-6))
+        losses.append(-torch.log(attention[row, SUPERVISED_HEAD, last_prompt_token, targets].sum() + 1e-6))
     return torch.stack(losses).mean() if losses else attention.sum() * 0
 
 
