@@ -1,4 +1,4 @@
-"""The feature explorer: thin ipywidgets views over `clt_lite.features`.
+"""The feature and graph explorers: thin ipywidgets views over `clt_lite.features` and attribution graphs.
 
 Every callback calls a pure function and renders its result; tests drive the widgets by
 setting `.value` and reading the outputs' state.
@@ -6,19 +6,27 @@ setting `.value` and reading the outputs' state.
 
 from __future__ import annotations
 
+import html
+
 import ipywidgets as w
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from . import features, viz
+from . import features, graph_viz, viz
 
 
 class _ExplorerView(w.VBox):
     """The explorer's box. Its text repr is what a notebook shows until the cell runs again: JupyterLab 4 does not
     redraw widgets from a notebook's saved widget state (jupyterlab/jupyterlab#15361), so say what to do."""
 
+    name = "feature explorer"
+
     def __repr__(self) -> str:  # ipywidgets cuts the text form at 110 characters
-        return "[feature explorer: run the notebook's cells (Run > Run All Cells) to use it here]"
+        return f"[{self.name}: run the notebook's cells (Run > Run All Cells) to use it here]"
+
+
+class _GraphView(_ExplorerView):
+    name = "graph explorer"
 
 
 class FeatureExplorer:
@@ -70,3 +78,55 @@ class FeatureExplorer:
         """The model's answer to the prompt with the feature scaled by the slider."""
         self.steered = features.steered_answer(self.loaded, self.clt, self.sample, self.layer.value, self.feature.value, self.scale.value)
         self.answer.value = f"answer with feature x{self.scale.value:g}: <b>{self.steered}</b> (truth: {self.sample.answer})"
+
+
+class GraphExplorer:
+    """Pick a node of the drawn graph (graph_viz.draw_graph's nodes: logits first, then by influence) -> what it is,
+    its strongest incoming and outgoing edges in the full graph, and for a feature its card (`card(layer, latent)`
+    returns a matplotlib Figure, e.g. a lambda over viz.feature_card)."""
+
+    def __init__(self, graph, pruned, labels: dict | None = None, card=None, max_nodes: int = 60, n_edges: int = 8):
+        self.graph, self.pruned, self.labels, self.card, self.n_edges = graph, pruned, labels, card, n_edges
+        inner = graph_viz.shown_nodes(graph, pruned, max_nodes)
+        sources = graph_viz.drawn_edges(graph, pruned, inner)[1].tolist()
+        embeddings = sorted({s for s in sources if graph.embed_start <= s < graph.logit_start}, key=lambda n: -float(pruned.influence[n]))
+        self.nodes = list(range(graph.logit_start, graph.n_nodes)) + inner + embeddings  # the answer is where reading starts
+        self.picker = w.Dropdown(options=[(self._label(n), n) for n in self.nodes], value=self.nodes[0], description="node")
+        self.summary, self.edges, self.plots = w.HTML(), w.HTML(), w.Output()
+        self.picker.observe(lambda _: self.refresh(), names="value")
+        self.view = _GraphView([self.picker, self.summary, self.edges, self.plots])
+        self.refresh()
+
+    def _label(self, node: int) -> str:
+        return graph_viz.node_name(self.graph, node, self.labels)
+
+    def _top(self, weights) -> list[tuple[int, str, float]]:
+        """(node, label, weight) of the n_edges largest |weights|, zeros left out: no edge there."""
+        order = weights.abs().argsort(descending=True)[: self.n_edges].tolist()
+        return [(n, self._label(n), float(weights[n])) for n in order if weights[n] != 0]
+
+    def _value(self, node: int, kind: str) -> str:
+        if kind == "feature":
+            return f"activation {float(self.graph.activations[node]):.3g}"
+        if kind == "logit":
+            return f"probability {float(self.graph.logit_probs[node - self.graph.logit_start]):.3f}"
+        return "no activation" if kind == "error" else "an input"
+
+    def refresh(self) -> None:
+        """Show the chosen node: what it is, its top edges in and out, and its feature card."""
+        graph, node = self.graph, self.picker.value
+        kind, (pos, layer) = graph.node_kind(node), graph.node_position(node)
+        self.incoming, self.outgoing = self._top(graph.adjacency[node]), self._top(graph.adjacency[:, node])
+        where = f"layer {layer}, " if kind in ("feature", "error") else ""
+        self.summary.value = (f"<b>{html.escape(self._label(node))}</b>: {kind}, {where}position {pos} ({html.escape(graph.tokens[pos])}), "
+                              f"{self._value(node, kind)}, influence on the logits {float(self.pruned.influence[node]):.3g}")
+        rows = [f"<tr><td>{way}</td><td>{html.escape(label)}</td><td style='text-align:right'>{weight:+.3g}</td></tr>"
+                for way, edges in (("in, from", self.incoming), ("out, to", self.outgoing)) for _, label, weight in edges]
+        self.edges.value = "<table><tr><th>edge</th><th>node</th><th>weight</th></tr>" + "".join(rows) + "</table>"
+        self.plots.clear_output(wait=True)
+        if kind == "feature" and self.card is not None:
+            layer, _, latent = graph.features[node].tolist()
+            with self.plots:
+                fig = self.card(layer, latent)
+                display(fig)
+            plt.close(fig)  # shown once, inside the Output widget

@@ -69,7 +69,20 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
     weights = _logit_weights(graph)
     node_influence = influence(graph.adjacency, weights)
+    ordered, order = node_influence.sort(descending=True)
+    cumulative = torch.empty_like(node_influence)
+    cumulative[order] = ordered.cumsum(0) / ordered.sum().clamp(min=1e-30)
     node_mask = node_influence >= _threshold(node_influence, node_threshold)
+    inner = slice(0, graph.embed_start)  # features and errors
+    if not node_mask[inner].any():
+        # Embeddings rank with the rest (on the toy they carry the top third), so a low threshold keeps only them.
+        first = int((order < graph.embed_start).nonzero()[0])  # the most influential feature / error node, in rank order
+        above = float(cumulative[order[first - 1]]) if first else 0.0  # the share a threshold must exceed to keep it
+        need = (int(above * 1000) + 1) / 1000
+        advice = f"raise it to {need:.3f} or more" if need <= 1 else "no threshold can: they carry no influence"
+        raise ValueError(f"node_threshold={node_threshold} keeps no feature or error node of the graph's {graph.embed_start:,} "
+                         f"(embeddings carry the top {above:.1%} of the influence on the logits); {advice} "
+                         "(0.8 is circuit-tracer's default)")
     node_mask[graph.embed_start :] = True
     pruned = graph.adjacency.clone()
     pruned[~node_mask] = 0
@@ -77,7 +90,6 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     normalized = normalize_rows(pruned)
     edge_scores = normalized * (influence(pruned, weights) + weights)[:, None]
     edge_mask = edge_scores >= _threshold(edge_scores, edge_threshold)
-    inner = slice(0, graph.embed_start)  # features and errors
     while True:
         edge_mask &= node_mask[:, None] & node_mask[None, :]
         before = node_mask.clone()
@@ -85,9 +97,6 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
         node_mask[: graph.n_features] &= edge_mask[: graph.n_features].any(1)
         if torch.equal(before, node_mask):
             break
-    ordered, order = node_influence.sort(descending=True)
-    cumulative = torch.empty_like(node_influence)
-    cumulative[order] = ordered.cumsum(0) / ordered.sum().clamp(min=1e-30)
     return Pruned(node_mask, edge_mask, node_influence, cumulative)
 
 
