@@ -72,6 +72,12 @@ class WorldConfig:
             for j in range(per_cell)
         ]
 
+    def patch_cell(self, patch: int) -> int:
+        """The grid cell a vision patch (row-major index) lies in: the inverse of cell_patches."""
+        row, col = divmod(patch, self.patches_per_side)
+        per_cell = self.cell_size // self.patch_size
+        return row // per_cell * self.grid + col // per_cell
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -219,6 +225,36 @@ def shapes_sample(index: int, split: str = "train", seed: int = 0, world: WorldC
     """Sample `index` of a split's stream, rebuilt on its own (a pure function of its arguments)."""
     # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs and machines.
     return make_sample(random.Random(f"shapesworld:{split}:{seed}:{index}"), world, family)
+
+
+DISTRACTOR_SHARES = ("answer", "colour", "shape", "any")  # what a distractor shares with the object asked about
+
+
+def adjacent_cells(cell: int, grid: int = 3) -> list[int]:
+    """The cells sharing an edge with `cell` on a grid x grid board (row-major)."""
+    row, col = divmod(cell, grid)
+    return [r * grid + c for r, c in ((row - 1, col), (row, col - 1), (row, col + 1), (row + 1, col))
+            if 0 <= r < grid and 0 <= c < grid]
+
+
+def distractors(sample: Sample, share: str = "answer") -> list[Shape]:
+    """The other objects of a one-object question's scene that share an attribute with the object asked about.
+
+    share: "colour" its colour, "shape" its shape, "any" either, "answer" what the answer names (the colour for
+    colour questions, the shape for shape questions, either for describe: "red circle" names both).
+    """
+    if share not in DISTRACTOR_SHARES:
+        raise ValueError(f"unknown distractor kind {share!r}; choose from {', '.join(DISTRACTOR_SHARES)}")
+    if len(sample.target_cells) != 1:
+        raise ValueError(f"a {sample.family!r} question about {len(sample.target_cells)} cells has no single object to distract from")
+    if share == "answer":
+        share = {"colour": "colour", "shape": "shape", "describe": "any"}.get(sample.family, "")
+        if not share:
+            raise ValueError(f"a {sample.family!r} answer names no colour or shape; pass share='colour', 'shape' or 'any'")
+    (target,) = [s for s in sample.shapes if s.cell == sample.target_cells[0]]
+    same_colour, same_shape = share in ("colour", "any"), share in ("shape", "any")
+    return [s for s in sample.shapes if s is not target
+            and ((same_colour and s.colour == target.colour) or (same_shape and s.kind == target.kind))]
 
 
 def sample_prompt(sample: Sample) -> str:

@@ -56,7 +56,13 @@ def swap(loaded: LoadedModel, clt: CrossLayerTranscoder, labels: FeatureLabels, 
     if to not in known:
         raise ValueError(f"the model does not know the {attribute} {to!r}; choose one of {', '.join(known)}")
     check_compatible(clt, loaded.model)
-    rec = record(loaded, clt, sample)
+    return _swap_recorded(loaded, clt, labels, sample, record(loaded, clt, sample), to, gain, min_precision)
+
+
+def _swap_recorded(loaded: LoadedModel, clt: CrossLayerTranscoder, labels: FeatureLabels, sample: data.Sample, rec, to: str,
+                   gain: float, min_precision: float) -> Swap:
+    """swap given the sample's recorded original pass."""
+    attribute = SWAPPABLE[sample.family]
     decode = loaded.processor.tokenizer.decode
     seen = decode([int(rec.logits[-1].argmax())]).strip()
     if to == seen:
@@ -110,8 +116,11 @@ def swap_rate(loaded: LoadedModel, clt: CrossLayerTranscoder, labels: FeatureLab
         raise ValueError("swap_rate needs at least one colour or shape question")
     swaps = []
     for i, sample in enumerate(samples):
-        values = data.COLOURS if SWAPPABLE.get(sample.family) == "colour" else data.SHAPES
-        seen = loaded.processor.tokenizer.decode([int(record(loaded, clt, sample).logits[-1].argmax())]).strip()
+        if SWAPPABLE.get(sample.family) is None:
+            swap(loaded, clt, labels, sample, "", gain, min_precision)  # raises the error that says what a swap needs
+        values = data.COLOURS if SWAPPABLE[sample.family] == "colour" else data.SHAPES
+        rec = record(loaded, clt, sample)
+        seen = loaded.processor.tokenizer.decode([int(rec.logits[-1].argmax())]).strip()
         others = [v for v in values if v != seen]
-        swaps.append(swap(loaded, clt, labels, sample, others[i % len(others)], gain, min_precision))
+        swaps.append(_swap_recorded(loaded, clt, labels, sample, rec, others[i % len(others)], gain, min_precision))
     return SwapRate(sum(s.flipped for s in swaps) / len(swaps), swaps)

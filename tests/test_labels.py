@@ -135,3 +135,11 @@ def test_supernodes_partition_the_graph_features(tiny, clt, scenes, labelled):
     assert sum(n.n_features for n in nodes) == graph.n_features
     assert sum(n.influence for n in nodes) == pytest.approx(float(A.feature_influence(graph).sum()), rel=1e-5)
     assert [n.influence for n in nodes] == sorted((n.influence for n in nodes), reverse=True)
+
+
+def test_swap_rate_needs_swappable_questions(tiny, clt, labelled):
+    count = data.shapes_world(1, "test", seed=0, world=tiny.world, family="count")[0]
+    with pytest.raises(ValueError, match="family 'count'"):
+        swaps.swap_rate(tiny, clt, labelled, [count])
+    with pytest.raises(ValueError, match="at least one"):
+        swaps.swap_rate(tiny, clt, labelled, [])

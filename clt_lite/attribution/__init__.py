@@ -42,7 +42,17 @@ model), `graph` (AttributionGraph, attribute), `pruning` (influence, prune, scor
 from .circuits import RouteShares, object_positions, route_shares
 from .export import export_json, to_circuit_tracer_json
 from .graph import AttributionGraph, attribute, target_values, uncredited
-from .ground_truth import SINGLE_OBJECT_FAMILIES, FamilyHits, GroundTruth, answer_token, gradient_x_input, ground_truth_hit_rate, ground_truth_samples
+from .ground_truth import (
+    SINGLE_OBJECT_FAMILIES,
+    FamilyHits,
+    GroundTruth,
+    SampleHit,
+    answer_token,
+    gradient_x_input,
+    ground_truth_hit_rate,
+    ground_truth_samples,
+    hard_ground_truth_samples,
+)
 from .interventions import (
     AblationCurve,
     AblationEffects,
