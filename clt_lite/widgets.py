@@ -7,10 +7,12 @@ setting `.value` and reading the outputs' state.
 from __future__ import annotations
 
 import html
+from typing import NamedTuple
 
 import ipywidgets as w
 import matplotlib.pyplot as plt
 from IPython.display import display
+from torch import Tensor
 
 from . import features, graph_viz, viz
 
@@ -27,6 +29,27 @@ class _ExplorerView(w.VBox):
 
 class _GraphView(_ExplorerView):
     name = "graph explorer"
+
+
+class FeatureViews(NamedTuple):
+    """What a feature card shows."""
+
+    top: list  # features.TopActivation rows: where the feature fires most in the store
+    tokens: list[str]  # the prompt's tokens
+    prompt_acts: Tensor  # the feature's activation at each of them
+    profile: dict[int, float]  # decoder norm per layer it writes to
+
+
+def feature_views(loaded, clt, store, sample, layer: int, feature: int) -> FeatureViews:
+    return FeatureViews(features.top_activations(store, clt, layer, feature),
+                        *features.activation_over_prompt(loaded, clt, sample, layer, feature),
+                        features.decoder_norm_profile(clt, layer, feature))
+
+
+def feature_card(loaded, store, views: FeatureViews):
+    """The card figure (viz.feature_card) of a feature's views; store samples are redrawn at the model's geometry."""
+    samples = [features.store_sample(store, t.sample, loaded.world) for t in views.top]
+    return viz.feature_card(views.top, samples, views.tokens, views.prompt_acts, views.profile, loaded.world)
 
 
 class FeatureExplorer:
@@ -61,15 +84,12 @@ class FeatureExplorer:
     def refresh(self) -> None:
         """Recompute every view for the current layer and feature."""
         layer, feature = self.layer.value, self.feature.value
-        self.top = features.top_activations(self.store, self.clt, layer, feature)
-        self.tokens, self.prompt_acts = features.activation_over_prompt(self.loaded, self.clt, self.sample, layer, feature)
-        self.profile = features.decoder_norm_profile(self.clt, layer, feature)
+        self.top, self.tokens, self.prompt_acts, self.profile = feature_views(self.loaded, self.clt, self.store, self.sample, layer, feature)
         fired = f"max activation {self.top[0].activation:.2f} ({len(self.top)} top rows)" if self.top else "never fires in the store"
         self.summary.value = f"<b>layer {layer}, feature {feature}</b>: {fired}; writes to layers {min(self.profile)}..{max(self.profile)}"
         self.plots.clear_output(wait=True)
         with self.plots:
-            fig = viz.feature_card(self.top, [features.store_sample(self.store, t.sample, self.loaded.world) for t in self.top],
-                                   self.tokens, self.prompt_acts, self.profile, self.loaded.world)
+            fig = feature_card(self.loaded, self.store, FeatureViews(self.top, self.tokens, self.prompt_acts, self.profile))
             display(fig)
         plt.close(fig)  # shown once, inside the Output widget
         self.steer()
