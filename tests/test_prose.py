@@ -130,3 +130,17 @@ def test_the_readme_states_only_numbers_the_notebooks_print():
     values = {float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", said)}
     stale = [n for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?%?", section.replace(",", "")) if not _rounds_to(n, values)]
     assert stale == []
+
+
+def test_the_readme_causes_bullet_follows_notebook_05():
+    """The swap rates and route shares the README states are the ones notebook 05 printed, in their places."""
+    root = Path(__file__).resolve().parent.parent
+    readme = " ".join((root / "README.md").read_text().split())
+    notebook = json.loads((root / "notebooks" / "05_attribution_graphs.ipynb").read_text())
+    printed = {c.get("id"): "".join("".join(o.get("text", "")) for o in c.get("outputs", [])) for c in notebook["cells"]}
+    rates = dict(re.findall(r"(\w+) swaps that give the chosen answer: ([\d.]+) of", printed["swap-rate"]))
+    route = r"(\w+)\s+through head \d+ of layer \d+: ([\d.]+).*?last layer: ([\d.]+)"
+    routes = {family: (head, last) for family, head, last in re.findall(route, printed["circuit-check"])}
+    assert f"gives the chosen answer on {rates['colour']} of 50 held-out colour questions and {rates['shape']} of 50" in readme
+    assert f"carries {routes['colour'][0]} of the object's contribution to colour answers and {routes['describe'][0]} to" in readme
+    assert f"mostly through the last layer ({routes['shape'][1]})" in readme
