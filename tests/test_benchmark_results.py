@@ -38,7 +38,20 @@ def closed_loop_figures(result: dict) -> dict[str, str]:
             "tokens4x FVU": f"{runs['skip+tokens4x']['val_fvu_mean']:.4f}", "course FVU": f"{runs['course']['val_fvu_mean']:.4f}"}
 
 
-@pytest.mark.parametrize("name, figures", [("train-cpu.json", trainer_figures), ("closed-loop-cpu.json", closed_loop_figures)])
+def effects_figures(result: dict) -> dict[str, str]:
+    """Graph / random ratios at k = 16 and 4, median changes and answer leads, per family in the README's order."""
+    runs = [result["results"][family] for family in ("colour", "shape", "count", "exists", "describe")]
+    seconds = [run["seconds_per_prompt"] for run in runs]
+    c, s, n, e, d = (f"{run['16']['ratio']:.1f}x" for run in runs)
+    return {"ratios k=16": f"{c} (colour), {s} (shape), {n} (count), {e} (existence) and {d} (description)",
+            "ratios k=4": " / ".join(f"{run['4']['ratio']:.1f}x" for run in runs),
+            "medians k=16": " / ".join(f"{run['16']['graph_quartiles'][1]:.2f}" for run in runs),
+            "leads": " / ".join(f"{run['mean_lead']:.1f}" for run in runs),
+            "seconds": f"{min(seconds):.2f}–{max(seconds):.2f} s"}
+
+
+@pytest.mark.parametrize("name, figures", [("train-cpu.json", trainer_figures), ("closed-loop-cpu.json", closed_loop_figures),
+                                           ("effects-cpu.json", effects_figures)])
 def test_readme_states_the_committed_benchmark_results(name, figures):
     readme = " ".join((ROOT / "README.md").read_text().split())
     for what, value in figures(json.loads((RESULTS / name).read_text())).items():
