@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import data
-from .attribution import AttributionGraph, feature_influence, record
+from .attribution import AttributionGraph, encode_recorded, feature_influence, record
 from .clt import CrossLayerTranscoder
 from .models import LoadedModel
 
@@ -151,9 +151,7 @@ def label_features(loaded: LoadedModel, clt: CrossLayerTranscoder, samples: Sequ
     value_counts: dict[int, int] = {}
     for sample in tqdm(samples, desc="labelling features", disable=not progress):
         rec = record(loaded, clt, sample)
-        x = rec.inputs.to(clt.b_dec.device, clt.b_dec.dtype) * clt.input_scale.to(clt.b_dec.dtype)[:, None, None]
-        with torch.no_grad():
-            encoding = clt.encode(x.transpose(0, 1))  # [S, L, k']
+        encoding = encode_recorded(clt, rec)  # [S, L, k']
         attributes = position_attributes(loaded, sample, rec.input_ids)
         value_ids = [[columns.setdefault(v, len(columns)) for v in found] for found in attributes]
         for ids in value_ids:

@@ -15,10 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import torch
-
 from . import data
-from .attribution import answer_token, edited_logits, record
+from .attribution import answer_token, edited_logits, encode_recorded, record
 from .clt import CrossLayerTranscoder
 from .labels import FeatureLabels
 from .models import LoadedModel
@@ -81,7 +79,7 @@ def _swap_recorded(loaded: LoadedModel, clt: CrossLayerTranscoder, labels: Featu
 def _swap_edits(clt: CrossLayerTranscoder, labels: FeatureLabels, rec, where: list[tuple[int, str]], seen: str, to: str,
                 gain: float, min_precision: float) -> list[tuple[int, int, int, float]]:
     """(layer, position, latent, activation change): off for active features of the seen value, on for the chosen's."""
-    x = rec.inputs.to(clt.b_dec.device, clt.b_dec.dtype) * clt.input_scale.to(clt.b_dec.dtype)[:, None, None]
+    encoding = encode_recorded(clt, rec)
     edits = []
     for position, attribute in where:
         away = set(labels.features_of(attribute, seen, min_precision))
@@ -89,10 +87,8 @@ def _swap_edits(clt: CrossLayerTranscoder, labels: FeatureLabels, rec, where: li
         if not toward:
             raise ValueError(f"no feature predicts {attribute}={to} with precision >= {min_precision}; "
                              f"lower min_precision or label more prompts")
-        with torch.no_grad():
-            encoding = clt.encode(x[:, position][None])
         for layer in range(clt.config.n_layers):
-            for value, latent in zip(encoding.values[0, layer].tolist(), encoding.indices[0, layer].tolist()):
+            for value, latent in zip(encoding.values[position, layer].tolist(), encoding.indices[position, layer].tolist()):
                 if value > 0 and (layer, latent) in away:
                     edits.append((layer, position, latent, -value))
         edits += [(layer, position, latent, gain * labels.mean_activation(layer, latent, attribute, to))

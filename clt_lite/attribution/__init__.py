@@ -67,5 +67,5 @@ from .interventions import (
     intervene_many,
     ranked_features,
 )
-from .local import Frozen, FrozenRun, LocalReplacement, Recorded, record
+from .local import Frozen, FrozenRun, LocalReplacement, Recorded, encode_recorded, record
 from .pruning import GraphScores, Pruned, feature_influence, graph_scores, influence, normalize_rows, patch_influence, prune

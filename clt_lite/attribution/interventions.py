@@ -13,7 +13,7 @@ from ..clt import CrossLayerTranscoder
 from ..models import LoadedModel
 from ..replacement import check_compatible
 from .graph import AttributionGraph, attribute
-from .local import Recorded, record
+from .local import Recorded, encode_recorded, record
 from .pruning import feature_influence
 
 
@@ -70,16 +70,15 @@ def _intervene_recorded(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: 
 
 def feature_activations(clt: CrossLayerTranscoder, rec: Recorded, features: Sequence[tuple[int, int, int]]) -> list[float]:
     """Each (layer, position, latent) feature's activation in the recorded pass (0 where it is not active)."""
-    x = rec.inputs.to(clt.b_dec.device, clt.b_dec.dtype) * clt.input_scale.to(clt.b_dec.dtype)[:, None, None]
+    encoding = encode_recorded(clt, rec)
     out = []
-    with torch.no_grad():
-        for layer, position, feature in features:
-            clt.check_feature(layer, feature)
-            if not 0 <= position < len(rec.input_ids):
-                raise ValueError(f"position {position} out of range: the prompt has {len(rec.input_ids)} tokens "
-                                 f"(0..{len(rec.input_ids) - 1})")
-            values, indices = clt.encode_layer(layer, x[layer, position][None])
-            out.append(float((values[0] * (indices[0] == feature)).sum()))
+    for layer, position, feature in features:
+        clt.check_feature(layer, feature)
+        if not 0 <= position < len(rec.input_ids):
+            raise ValueError(f"position {position} out of range: the prompt has {len(rec.input_ids)} tokens "
+                             f"(0..{len(rec.input_ids) - 1})")
+        chosen = encoding.indices[position, layer] == feature
+        out.append(float((encoding.values[position, layer].float() * chosen).sum()))
     return out
 
 

@@ -72,6 +72,15 @@ def record(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample) 
 # folds the rest into the error nodes.
 
 
+@torch.no_grad()
+def encode_recorded(clt: CrossLayerTranscoder, rec: Recorded):
+    """The CLT's latents at every position of a recorded pass (values and indices [S, L, k']). Everything that reads
+    a prompt's feature activations goes through here, so the graph, interventions and labels agree to the last bit
+    (in bfloat16, normalising before or after the cast moves activations near zero across it)."""
+    x = (rec.inputs * clt.input_scale.float()[:, None, None].cpu()).transpose(0, 1)  # [S, L, d]
+    return clt.encode(x.to(clt.b_dec.device, clt.b_dec.dtype))
+
+
 def _linear(module: nn.Linear, x: Tensor) -> Tensor:
     """module(x) in float32 whatever the model's dtype (attribution needs the precision)."""
     bias = None if module.bias is None else module.bias.float()
@@ -140,9 +149,7 @@ class LocalReplacement:
         Dropped features' writes stay in the error terms, so every identity still holds exactly.
         """
         clt, rec = self.clt, self.recorded
-        scale = clt.input_scale.float()[:, None, None].cpu()
-        x = (rec.inputs * scale).transpose(0, 1).to(clt.b_dec.device, clt.b_dec.dtype)  # [S, L, d]
-        enc = clt.encode(x)
+        enc = encode_recorded(clt, rec)
         values, indices = enc.values.float().cpu(), enc.indices.cpu()  # [S, L, k']
         active = values > 0
         if self.convention == "circuit-tracer":
@@ -154,7 +161,7 @@ class LocalReplacement:
         keep = torch.arange(len(acts))
         if cap is not None and cap < len(acts):
             keep = (acts * self._raw_decoder_norms(layer, latent)).topk(cap).indices
-        n, S = clt.config.num_latents, x.shape[0]
+        n, S = clt.config.num_latents, len(rec.input_ids)
         keep = keep[torch.argsort((layer[keep] * S + pos[keep]) * n + latent[keep])]  # (layer, position, latent) order
         self.features = torch.stack([layer[keep], pos[keep], latent[keep]], dim=1)  # [n_f, 3] sorted
         self.activations = acts[keep]
