@@ -147,7 +147,7 @@ def label_features(loaded: LoadedModel, clt: CrossLayerTranscoder, samples: Sequ
     cfg = clt.config
     n_features = cfg.n_layers * cfg.num_latents
     columns: dict[str, int] = {}
-    hits = []  # per sample: (feature ids, value ids, activations) of every firing
+    hits = []  # per prompt position: (features that fired, its value ids, their activations)
     value_counts: dict[int, int] = {}
     for sample in tqdm(samples, desc="labelling features", disable=not progress):
         rec = record(loaded, clt, sample)
