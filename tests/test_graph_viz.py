@@ -11,29 +11,20 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
+from test_attribution import random_clt  # noqa: E402
+
 from clt_lite import attribution as A  # noqa: E402
-from clt_lite import data, graph_viz, sites, viz  # noqa: E402
-from clt_lite.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
+from clt_lite import data, graph_viz, viz  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def graph(tiny):
-    """An attribution graph of the random tiny LLaVA through a random CLT scaled to its activations (as in
-    test_attribution.py): ~50 positions, image patches and a few hundred active features."""
+    """An attribution graph of the random tiny LLaVA through test_attribution's random CLT: ~50 positions, image
+    patches and a few hundred active features."""
     samples = data.shapes_world(3, "test", seed=1, family="describe")
-    config = CLTConfig(n_layers=tiny.n_layers, d_model=tiny.d_model, expansion_factor=4, k=8)
-    encoded = data.encode_batch(tiny.processor, samples)
-    with torch.no_grad(), sites.capture(tiny.model, sites=(config.input_site, "mlp_out")) as captured:
-        tiny.model(**encoded.model_inputs(tiny.model))
-    mask = encoded.attention_mask.bool()
-    x, y = captured.stack(config.input_site)[mask], captured.stack("mlp_out")[mask]
-    torch.manual_seed(0)
-    clt = CrossLayerTranscoder(config)
-    s_in, s_out = ((tiny.d_model / t.pow(2).sum(-1).mean(0)).sqrt() for t in (x, y))
-    clt.set_scales(s_in, s_out)
-    clt.initialize_from_batch(x * s_in[:, None], y * s_out[:, None])
+    clt = random_clt(tiny, samples)
     return A.attribute(tiny, clt, samples[0])
 
 
