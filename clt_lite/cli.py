@@ -28,7 +28,7 @@ def _cmd_toy(args) -> dict:
     from . import models, toy
 
     if args.action == "train":
-        overrides = {"steps": args.steps, "n_layers": args.layers}
+        overrides = {"steps": args.steps, "n_layers": args.layers, "grow_from": args.grow_from, "grow_steps": args.grow_steps}
         config = toy.ToyConfig(**{field: value for field, value in overrides.items() if value is not None})
         result = toy.train(config, args.out, device=args.device, progress=not args.json)
         print(f"toy saved to {args.out} after {result['steps']} steps")
@@ -39,6 +39,13 @@ def _cmd_toy(args) -> dict:
     accuracy = toy.evaluate(loaded.model, loaded.processor, toy.eval_set(args.per_family))
     for family, value in accuracy.items():
         print(f"{family:>8}: {value:.3f}")
+    if args.card:
+        from .files import write_bytes
+        from .model_card import model_card
+
+        card = Path(models.resolve_source(args.model)) / "README.md"
+        write_bytes(card, model_card(card.parent, accuracy, args.per_family).encode())
+        print(f"model card written to {card}")
     return {"model": args.model, "per_family": args.per_family, "accuracy": accuracy}
 
 
@@ -260,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--model", default="tiny-llava-shapes", help="eval: model folder or name")
     toy.add_argument("--steps", type=int, help="train: override the number of steps")
     toy.add_argument("--layers", type=int, help="train: override the number of decoder layers (default 16)")
+    toy.add_argument("--grow-from", type=int, help="train: first train this many layers, then deepen to --layers "
+                     "(ToyConfig.grow_from; default 0, from scratch)")
+    toy.add_argument("--grow-steps", type=int, help="train: steps after deepening (ToyConfig.grow_steps)")
+    toy.add_argument("--card", action="store_true", help="eval: write the model card (README.md) into the model folder")
     toy.add_argument("--per-family", type=int, default=100, help="eval: held-out questions per family")
     toy.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return parser

@@ -10,7 +10,7 @@ import torch
 
 from .data import WorldConfig, check_image_tokens, sample_prompt
 from .devices import resolve_device, resolve_dtype  # also models.resolve_* for notebooks (00 uses them)
-from .toy import ASSET_DIR, build_processor
+from .toy import SHIPPED, build_processor
 
 TOY_NAME = "tiny-llava-shapes"
 RANDOM_PRESETS = ("llava-1.5-7b", "tiny")
@@ -121,7 +121,7 @@ def model_config(name: str):
 
     if name.startswith("random:"):
         return random_config(name)
-    return LlavaConfig.from_pretrained(_resolve_source(name), local_files_only=True)
+    return LlavaConfig.from_pretrained(resolve_source(name), local_files_only=True)
 
 
 def parameter_count(config) -> int:
@@ -163,7 +163,7 @@ def load(name: str = TOY_NAME, device: str = "auto", dtype: str | torch.dtype = 
             model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype)
         processor = random_processor(config)
     else:
-        source = _resolve_source(name)
+        source = resolve_source(name)
         try:  # a local copy first: offline, the hub client would retry for minutes
             processor = AutoProcessor.from_pretrained(source, local_files_only=True)
             model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
@@ -203,13 +203,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _resolve_source(name: str) -> str:
+def resolve_source(name: str) -> str:
     """A folder path for local models; hub ids pass through unchanged."""
 
-    if name == TOY_NAME:
-        if not (ASSET_DIR / "config.json").exists():
-            raise FileNotFoundError(f"the toy model is missing from {ASSET_DIR}; rebuild it with `python -m clt_lite toy train --out {ASSET_DIR}`")
-        return str(ASSET_DIR)
+    if name in SHIPPED:
+        folder, options = SHIPPED[name]
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"the toy model is missing from {folder}; rebuild it with `python -m clt_lite toy train --out {folder}{options}`")
+        return str(folder)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -217,7 +218,8 @@ def _resolve_source(name: str) -> str:
         return str(path)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_like_path:
-        raise FileNotFoundError(f"model folder {name!r} does not exist; give an existing folder, a hub id (org/name), {TOY_NAME} or random:<preset>")
+        raise FileNotFoundError(f"model folder {name!r} does not exist; give an existing folder, a hub id (org/name), "
+                                f"{' or '.join(SHIPPED)} or random:<preset>")
     return name
 
 

@@ -18,9 +18,14 @@ class NotebookRun(NamedTuple):
     seconds: float  # wall time
 
 
-def load_config(path: str | Path) -> dict:
-    """A papermill parameter set (YAML mapping of parameter -> value)."""
+def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A papermill parameter set (YAML mapping of parameter -> value).
+
+    `extends: other.yaml` (relative to this file) starts from that config; this file's values win.
+    """
     path = Path(path)
+    if path.resolve() in _seen:
+        raise ValueError(f"config {path} extends itself (through {' -> '.join(p.name for p in _seen)}); break the cycle")
     if not path.exists():
         raise FileNotFoundError(f"config {path} does not exist; see configs/ for the shipped ones")
     try:
@@ -29,6 +34,8 @@ def load_config(path: str | Path) -> dict:
         raise ValueError(f"config {path} is not valid YAML ({str(error).splitlines()[0]}); compare it with configs/cpu.yaml") from None
     if not isinstance(config, dict):
         raise ValueError(f"config {path} must be a mapping of parameter: value")
+    if base := config.pop("extends", None):
+        config = {**load_config(path.parent / base, (*_seen, path.resolve())), **config}
     return config
 
 

@@ -31,6 +31,7 @@ class ModelDims(NamedTuple):
 MODEL_PRESETS = {
     "llava-1.5-7b": ModelDims(32, 4096, "llava-1.5-7b"),
     "tiny-llava-shapes": ModelDims(16, 128, "tiny-llava-shapes"),
+    "tiny-llava-shapes-32": ModelDims(32, 128, "tiny-llava-shapes-32"),
 }
 
 

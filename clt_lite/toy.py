@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,11 @@ from .devices import resolve_device
 from .files import latest_version, write_json, write_version
 from .tensor_files import load_torch_tensors
 
-ASSET_DIR = Path(__file__).parent / "assets" / "tiny-llava-shapes"
+ASSET_DIR = Path(__file__).parent / "assets" / "tiny-llava-shapes"  # the course's toy: 16 layers
+SHIPPED = {  # toy name -> (folder, `toy train` options that rebuild it)
+    "tiny-llava-shapes": (ASSET_DIR, ""),
+    "tiny-llava-shapes-32": (ASSET_DIR.with_name("tiny-llava-shapes-32"), " --layers 32 --grow-from 16"),
+}
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")  # ids 0..4, in this order
 CHAT_TEMPLATE = (  # LLaVA-1.5's "USER: <image>\n... ASSISTANT:" for single image+text turns
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
@@ -61,6 +65,11 @@ class ToyConfig:
     exists_weight: float = 2.0  # sampling weight of the existence family in the training stream (the others 1)
     easy_negatives_until: float = 0.0  # curriculum: existence "no" questions start as easy negatives (colour or shape
     # absent) and are replaced by the hard, binding-only ones linearly until this fraction of the steps; 0 = hard only
+    grow_from: int = 0  # 0: train all n_layers from the start. N (dividing n_layers): train an N-layer toy first (this
+    # recipe, in out/base), split each of its layers into n_layers/N copies (`deepen`), then train on. From scratch, 32
+    # layers stayed at chance on existence for 5000 steps in one of two runs; the 16-layer recipe passed in 3000
+    grow_steps: int = 2000  # steps after deepening, all of them: stopped at the first pass (500 steps), the 32-layer toy
+    # was at 0.96 on validation but 0.91 on the test split for existence
     seed: int = 0  # model init and sample stream
     eval_every: int = 500  # steps between held-out evaluations and checkpoints
     eval_per_family: int = 100  # validation questions per family at each evaluation
@@ -72,6 +81,8 @@ class ToyConfig:
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
         if bad:
             raise ValueError(f"ToyConfig needs positive sizes and counts; got {', '.join(bad)}")
+        if self.grow_from and (self.grow_from < 0 or self.grow_from >= self.n_layers or self.n_layers % self.grow_from):
+            raise ValueError(f"grow_from={self.grow_from} must be 0 or a proper divisor of n_layers={self.n_layers}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
 
@@ -166,10 +177,10 @@ def eval_set(n_per_family: int, split: str = "test", seed: int = 0) -> list[data
     return [s for family in data.FAMILIES for s in data.shapes_world(n_per_family, split, seed, family=family)]
 
 
-def _learning_rate(config: ToyConfig, step: int) -> float:
+def _learning_rate(config: ToyConfig, step: int, steps: int) -> float:
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    progress = (step - config.warmup) / max(1, steps - config.warmup)
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -177,22 +188,34 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     """Train the toy from scratch (or resume from `out/checkpoint`), save it to `out`.
 
     Resumable: sample i of the training stream is a pure function of (seed, i), so a
-    resumed run sees exactly the samples it would have seen.
-    Returns the final held-out accuracies and the learning curve.
+    resumed run sees exactly the samples it would have seen. A finished run (its
+    training.json written for this config) returns at once.
+    With `grow_from`, a `grow_from`-layer toy is trained first (in out/base, same rules),
+    deepened (`deepen`) and trained on for `grow_steps`, continuing the sample stream.
+    Returns the final step and the learning curve.
     """
     from safetensors.torch import load_file, save_file
 
     out = Path(out)
+    if (record := out / "training.json").is_file() and json.loads(record.read_text())["config"] == asdict(config):
+        curve = json.loads(record.read_text())["curve"]
+        return {"steps": curve[-1]["step"], "curve": curve}
+    first_step, end_step, curve = 0, config.steps, []
+    if config.grow_from:
+        base_config = replace(config, n_layers=config.grow_from, grow_from=0)
+        base = train(base_config, out / "base", device, progress)
     device = resolve_device(device)
     processor = build_processor()
+    if config.grow_from:
+        first_step, curve = base["steps"], base["curve"]
+        end_step = first_step + config.grow_steps
     model = build_model(config, processor).to(device)
     # The auxiliary head is a training aid only: it is checkpointed but not part of the saved LLaVA.
     cell_head = torch.nn.Linear(config.d_model, 1 + len(data.SHAPES) * len(data.COLOURS)).to(device)
     parameters = list(model.parameters()) + list(cell_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.01)
     checkpoints = out / "checkpoint"
-    curve: list[dict] = []
-    step = 0
+    step = first_step
     if checkpoint := latest_version(checkpoints):
         state = json.loads((checkpoint / "state.json").read_text())
         if state["config"] != asdict(config):
@@ -201,20 +224,27 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
         cell_head.load_state_dict(load_file(checkpoint / "cell_head.safetensors", device=str(device)))
         optimizer.load_state_dict(load_torch_tensors(checkpoint / "optimizer.pt", map_location=device))
         step, curve = state["step"], state["curve"]
+    elif config.grow_from:  # the deepened base is where this run starts
+        base_checkpoint = latest_version(out / "base" / "checkpoint")
+        base_model = build_model(base_config, processor)
+        base_model.load_state_dict(load_file(base_checkpoint / "model.safetensors"))
+        deepen(base_model, config.n_layers // config.grow_from)
+        model.load_state_dict(base_model.state_dict())
+        cell_head.load_state_dict(load_file(base_checkpoint / "cell_head.safetensors", device=str(device)))
     validation = eval_set(config.eval_per_family, "val", config.seed)
     original_attention = model.config._attn_implementation
     if config.attention_aux_weight:
         model.set_attn_implementation("eager")  # the auxiliary loss needs the attention probabilities
     supervised_layer = model.model.language_model.layers[supervised_head(config.n_layers)[0]].self_attn
-    bar = tqdm(total=config.steps, initial=step, desc="toy", disable=not progress)
-    start_time = time.time()
-    while step < config.steps:
+    bar = tqdm(total=end_step, initial=step, desc=f"toy ({config.n_layers} layers)", disable=not progress)
+    start_time = time.time() - 60 * (curve[-1]["minutes"] if curve else 0)
+    while step < end_step:
         model.train()
         first = step * config.batch_size
         samples = _curriculum([training_sample(i, config) for i in range(first, first + config.batch_size)], config, step)
         batch = data.encode_batch(processor, samples, with_answers=True)
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
+            group["lr"] = _learning_rate(config, step - first_step, end_step - first_step)
         with _outputs_of(model.model.multi_modal_projector) as patches, \
                 _outputs_of(supervised_layer, pick=lambda output: output[1]) as attention:
             logits = model(**batch.model_inputs(model)).logits[:, :-1]
@@ -232,12 +262,13 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if step % config.eval_every == 0 or step == config.steps:
+        if (step - first_step) % config.eval_every == 0 or step == end_step:
             accuracy = evaluate(model, processor, validation)
-            curve.append({"step": step, "loss": round(loss.item(), 4), "minutes": round((time.time() - start_time) / 60, 2), **accuracy})
+            curve.append({"step": step, "loss": round(loss.item(), 4), "minutes": round((time.time() - start_time) / 60, 2),
+                          **accuracy, "layers": config.n_layers})
             bar.write(json.dumps(curve[-1]))
             _save_checkpoint(model, cell_head, optimizer, checkpoints, {"step": step, "config": asdict(config), "curve": curve}, save_file)
-            if min(v for k, v in accuracy.items() if k != "all") >= config.target_accuracy:
+            if not config.grow_from and min(v for k, v in accuracy.items() if k != "all") >= config.target_accuracy:
                 break
     bar.close()
     model.set_attn_implementation(original_attention)
@@ -253,6 +284,33 @@ def training_sample(index: int, config: ToyConfig) -> data.Sample:
     weights = [config.exists_weight if family == "exists" else 1.0 for family in data.FAMILIES]
     family = random.Random(f"toy-family:{config.seed}:{index}").choices(data.FAMILIES, weights)[0]
     return data.shapes_sample(index, "train", config.seed, family=family)
+
+
+def deepen(model, factor: int) -> None:
+    """Split every decoder layer of `model` into `factor` consecutive copies, each writing 1/factor of its update.
+
+    x + f(x) becomes x + f(x)/factor + f(x + f(x)/factor)/factor + ...: the same function to first order in f, with
+    every new layer doing real work (copies of a trained layer, not identities). Progressive stacking
+    (Gong et al. 2019) without the halving; the halving keeps the residual stream's scale.
+    """
+    import copy
+
+    language_model = model.model.language_model
+    layers = []
+    for layer in language_model.layers:
+        for _ in range(factor):
+            twin = copy.deepcopy(layer)
+            with torch.no_grad():
+                twin.self_attn.o_proj.weight.div_(factor)
+                twin.mlp.down_proj.weight.div_(factor)
+            layers.append(twin)
+    for index, layer in enumerate(layers):
+        layer.self_attn.layer_idx = index  # the KV cache is indexed by layer
+    language_model.layers = torch.nn.ModuleList(layers)
+    text_config = model.config.text_config
+    text_config.num_hidden_layers = len(layers)
+    if getattr(text_config, "layer_types", None):
+        text_config.layer_types = [t for t in text_config.layer_types for _ in range(factor)]
 
 
 SUPERVISED_HEAD = 0  # the head of the middle layer that the auxiliary loss trains
@@ -346,98 +404,3 @@ def save_toy(model, processor, out: str | Path, config: ToyConfig, curve: list[d
         for written in Path(staging).iterdir():
             os.replace(written, out / written.name)  # each file is the old one or the new one, never half
     write_json(out / "training.json", {"config": asdict(config), "curve": curve})
-
-
-DEEPER_RUN_FILE = "training-32-layers.json"  # learning curve of the same recipe at 32 layers, if measured
-
-
-def _deeper_run_section(path: Path, families: list[str]) -> list[str]:
-    """Model-card lines for the measured 32-layer run (its checkpoint's state.json), if there is one."""
-    if not path.exists():
-        return ["A 32-layer rebuild was not measured with the current recipe."]
-    record = json.loads(path.read_text())
-    config, curve = record["config"], record["curve"]
-    last = curve[-1]
-    passed = [c["step"] for c in curve if min(c[f] for f in families) >= 0.95]
-    verdict = (f"it passed 0.95 on every family at step {passed[0]}" if passed
-               else f"it had not passed 0.95 on every family by step {last['step']}"
-               + (f" of the planned {config['steps']}, where the run was stopped" if last["step"] < config["steps"] else ""))
-    return [
-        "",
-        f"The current recipe at {config['n_layers']} layers (`python -m clt_lite toy train --layers {config['n_layers']}`,",
-        f"same seed), on this machine: {last['minutes']} minutes for {last['step']} steps ({60 * last['minutes'] / last['step']:.2f} s/step);",
-        f"{verdict} (validation split).",
-        "",
-        "| step | minutes | loss | " + " | ".join(families) + " |",
-        "|" + "---|" * (len(families) + 3),
-        *[f"| {c['step']} | {c['minutes']} | {c['loss']} | " + " | ".join(f"{c[f]:.2f}" for f in families) + " |"
-          for c in curve],
-        "",
-        "The shipped toy stays at 16 layers: the notebooks and `make test` were sized and measured on it.",
-    ]
-
-
-def model_card(folder: str | Path, accuracy: dict[str, float], n_per_family: int) -> str:
-    """README.md text for a saved toy: data, config, learning curve, held-out accuracy, rebuild command."""
-    folder = Path(folder)
-    record = json.loads((folder / "training.json").read_text())
-    config, curve = record["config"], record["curve"]
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != "README.md")
-    families = list(data.FAMILIES)
-    lines = [
-        "# tiny-llava-shapes",
-        "",
-        "A `LlavaForConditionalGeneration` at toy width (CLIP tower -> two-layer GELU projector -> Llama), trained",
-        "from scratch on ShapesWorld (`clt_lite.data`): 48x48 images, 1-3 shapes (circle, square, triangle) in",
-        "5 colours on a 3x3 grid, with questions about colour, shape at a position, count, existence",
-        "(hard negatives: colour and shape both present, never together) and a short description.",
-        "Weights are stored in float16; the accuracy below was measured on this float16 file.",
-        f"These weights are the step-{curve[-1]['step']} checkpoint of the run configured below"
-        + (f" (stopped early: every family reached {config['target_accuracy']} on validation)."
-           if curve[-1]["step"] < config["steps"] else "."),
-        "",
-        "## Config",
-        "",
-        "| field | value |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in config.items()],
-        "",
-        f"## Held-out accuracy (test split, {n_per_family} questions per family, exact match of greedy answers)",
-        "",
-        "| " + " | ".join(families) + " | all |",
-        "|" + "---|" * (len(families) + 1),
-        "| " + " | ".join(f"{accuracy[f]:.3f}" for f in families) + f" | {accuracy['all']:.3f} |",
-        "",
-        "## Learning curve (validation split)",
-        "",
-        "| step | minutes | loss | " + " | ".join(families) + " |",
-        "|" + "---|" * (len(families) + 3),
-        *[f"| {c['step']} | {c['minutes']} | {c['loss']} | " + " | ".join(f"{c[f]:.2f}" for f in families) + " |" for c in curve],
-        "",
-        f"Folder size: {size / 2**20:.1f} MiB.",
-        "",
-        "## Why 16 layers, not 32",
-        "",
-        "LLaVA-1.5-7B's language model has 32 layers. Probes on this 2-core machine with the earlier recipe",
-        "(recorded in the project's issue: RoPE base 1e4, no attention loss, batch 32, 30 minutes, 0.51 s/step)",
-        "reached colour 0.70 / position 0.55 / count 1.00 / existence 0.86 at lr 2.5e-4 and 0.66 / 0.60 / 0.98 /",
-        "0.61 at lr 1e-3, far from the 0.95 bar, while 16 layers reached 0.955 / 0.945 / 1.00 / 0.91.",
-        *_deeper_run_section(folder / DEEPER_RUN_FILE, families),
-        "",
-        "## How the existence family was learned",
-        "",
-        "\"Is there a red circle?\", asked when red and circles are both present but never together, needs one",
-        "lookup that matches colour *and* shape at the same patches. The earlier recipe (RoPE base 1e4, no",
-        "attention loss, families sampled uniformly, an easy-negative curriculum) stayed at chance on it for",
-        "6000 steps while every other family reached 1.00. Probes on this machine (4-layer language model,",
-        "existence questions only, attention loss on, 1000 steps): RoPE base 1e4 0.61, 2 heads of width 64",
-        "0.76, RoPE base 1e6 0.84; with all families mixed and base 1e4 it stayed at chance for 2000 steps",
-        "without the attention loss and 1750 with it. Hence `rope_theta`, `attention_aux_weight` and",
-        "`exists_weight` above.",
-        "",
-        "## Rebuild",
-        "",
-        "`python -m clt_lite toy train --out DIR` (seeded; resumable; uses CUDA when present), then",
-        "`python -m clt_lite toy eval --model DIR --json`.",
-    ]
-    return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clt_lite import cli, data, datasets, models, plan
+from clt_lite import cli, data, datasets, models, plan, toy
 from clt_lite.clt import CLTConfig, CrossLayerTranscoder
 from clt_lite.store import ActivationStore
 from clt_lite.train import TrainConfig, train
@@ -66,7 +66,7 @@ def _config_only(tmp: Path) -> Path:
     """A model folder with the toy's config.json and nothing else (no weights, no processor)."""
     folder = tmp / "config-only"
     folder.mkdir()
-    shutil.copy(models.ASSET_DIR / "config.json", folder)
+    shutil.copy(toy.ASSET_DIR / "config.json", folder)
     return folder
 
 

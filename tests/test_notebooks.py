@@ -187,3 +187,12 @@ def test_notebooks_name_the_installed_kernel_so_opening_one_does_not_modify_it(p
     installed = KernelSpecManager().get_kernel_spec("python3")
     assert json.loads(path.read_text())["metadata"]["kernelspec"] == {
         "display_name": installed.display_name, "language": installed.language, "name": "python3"}
+
+
+def test_a_config_extends_another_and_a_cycle_is_refused(tmp_path):
+    full_depth = notebooks.load_config(ROOT / "configs" / "cpu32.yaml")
+    assert full_depth == {**notebooks.load_config(ROOT / "configs" / "cpu.yaml"), "model": "tiny-llava-shapes-32"}
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nk: 1\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="extends itself"):
+        notebooks.load_config(tmp_path / "a.yaml")
