@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from . import data
@@ -152,7 +153,7 @@ def _grown_section(config: dict, curve: list[dict], folder: Path, families: list
         "the same function to first order, every copy a",
         "working layer) and trains the deepened model on the continuing sample stream with a fresh warm-up and",
         "cosine schedule. Training after the split moved the copies apart: the relative difference between a copy's",
-        f"MLP weights and its twin's is {drift[len(drift) // 2]:.3f} (median over the {len(drift)} pairs; range "
+        f"MLP weights and its twin's is {statistics.median(drift):.3f} (median over the {len(drift)} pairs; range "
         f"{drift[0]:.3f}-{drift[-1]:.3f}). Twins still compute",
         "similar functions, so a CLT may find related features in adjacent layers, which a model trained from",
         "scratch would not show. The recipe grows because the same recipe from scratch was not reliable at this depth:",

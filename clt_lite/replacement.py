@@ -315,6 +315,17 @@ def versus_sentence(ours: TokenMatch, theirs: TokenMatch, our_name: str, their_n
     return f"{our_name} − {their_name}: " + "; ".join(parts) + "."
 
 
+def mlp0_sentence(kl_all: float, kl_kept0: float, kl_only0: float) -> str:
+    """What keeping MLP 0 original buys, in words, from the closed-loop KL three ways (all, MLP 0 kept, MLP 0 only)."""
+    removed = 1 - kl_kept0 / kl_all
+    sentence = (f"Keeping MLP 0 original takes away {'most' if removed > 0.5 else 'part'} of the divergence "
+                f"({removed:.0%}, KL {kl_all:.2f} -> {kl_kept0:.2f})")
+    if kl_all - kl_kept0 > kl_only0:
+        return sentence + (f", more than replacing MLP 0 *alone* costs (KL {kl_only0:.2f}): MLP 0's small error is "
+                           "amplified by the layers after it.")
+    return sentence + f"; replacing MLP 0 alone costs about as much (KL {kl_only0:.2f}): its error is not amplified here."
+
+
 def format_table(rows: list[TokenMatch], columns=AGREEMENT_COLUMNS + DIVERGENCE_COLUMNS) -> str:
     """The token-match table, one replacement per line; `columns` picks AGREEMENT_COLUMNS, DIVERGENCE_COLUMNS or all."""
     lines = [f"{'replacement':<26}" + " ".join(f"{header:>{width}}" for header, width, _, _ in columns)]

@@ -56,3 +56,44 @@ def test_readme_states_the_committed_benchmark_results(name, figures):
     readme = " ".join((ROOT / "README.md").read_text().split())
     for what, value in figures(json.loads((RESULTS / name).read_text())).items():
         assert value in readme, f"README should state {what} = {value} from {name}"
+
+
+def full_depth_figures(closed_loop: dict) -> dict[str, str]:
+    """The 32-layer toy's card and training record, the course's times on it and its closed-loop fidelity."""
+    from clt_lite import model_card
+    from clt_lite.toy import SHIPPED
+
+    folder = SHIPPED["tiny-llava-shapes-32"][0]
+    record = json.loads((folder / "training.json").read_text())
+    curve, config = record["curve"], record["config"]
+    base_steps = max(c["step"] for c in curve if c["layers"] == config["grow_from"])
+    first, second = (run["curve"][-1] for run in json.loads((folder / model_card.FROM_SCRATCH_FILE).read_text()))
+    card = (folder / "README.md").read_text().splitlines()
+    accuracy = [float(v) for v in card[card.index("| colour | shape | count | exists | describe | all |") + 2].strip("| ").split(" | ")]
+    drift = statistics.median(model_card.copy_drift(folder, config["n_layers"] // config["grow_from"]))
+    times = json.loads((RESULTS / "course-times-cpu32.json").read_text())["seconds"]
+    runs = closed_loop["results"]
+    course, skip = [runs[n] for n in ("course", "seed1")], [runs[n] for n in ("skip", "skip+seed1")]
+
+    def kls(rows, which):
+        return " / ".join(f"{row[which]['kl']:.2f}" for row in rows)
+
+    agreement = [row[w]["answer_agreement"] for row in course + skip for w in ("all", "kept0", "only0")]
+    return {"from scratch": f"existence at {first['exists']:.2f} after {first['step']} steps and at chance, {second['exists']:.2f}, "
+                            f"after {second['step']}",
+            "base steps": f"until every family passes ({base_steps} steps)",
+            "grown steps": f"trains {curve[-1]['step'] - base_steps} more steps",
+            "rebuild": f"{curve[-1]['minutes']:.1f} minutes on 2 cores", "accuracy": f"at least {min(accuracy):.3f}",
+            "drift": f"median relative difference of their MLP weights {drift:.3f}",
+            "notebook 03": f"notebook 03 (three transcoders) takes {times['03']:.0f} s",
+            "course": f"all {sum(times.values()):.0f} s",
+            "course KL": f"all 32 MLPs replaced {kls(course, 'all')}, MLP 0 kept {kls(course, 'kept0')}, "
+                         f"MLP 0 alone {kls(course, 'only0')}",
+            "skip KL": f"skip path {kls(skip, 'all')}, {kls(skip, 'kept0')} and {kls(skip, 'only0')}",
+            "agreement": f"answer agreement {min(agreement):.3f}–{max(agreement):.3f}"}
+
+
+def test_readme_states_the_full_depth_figures():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for what, value in full_depth_figures(json.loads((RESULTS / "closed-loop-cpu32.json").read_text())).items():
+        assert value in readme, f"README should state {what} = {value}"

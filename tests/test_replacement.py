@@ -127,3 +127,11 @@ def test_format_table_columns():
     assert table.splitlines()[0].split() == ["replacement", "KL", "dCE", "ans"]
     assert "1.0313" in table and "top1" not in table
     assert len(R.format_table([_row("CLT")]).splitlines()[0].split()) == 1 + 2 * 7 + 3  # every column by default
+
+
+def test_mlp0_sentence_says_most_or_part_and_whether_the_error_is_amplified():
+    most = R.mlp0_sentence(1.0, 0.2, 0.05)
+    assert "takes away most of the divergence (80%, KL 1.00 -> 0.20)" in most and "amplified by the layers" in most
+    part = R.mlp0_sentence(0.70, 0.43, 0.08)
+    assert "takes away part of the divergence (39%" in part and "amplified" in part
+    assert "not amplified here" in R.mlp0_sentence(0.5, 0.45, 0.1)
