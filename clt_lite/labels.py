@@ -20,12 +20,12 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import data
 from .attribution import AttributionGraph, encode_recorded, feature_influence, record
 from .clt import CrossLayerTranscoder
 from .models import LoadedModel
+from .progress import progress_bar
 
 ATTRIBUTES = ("colour", "shape", "empty", "cell", "word", "count", "answer")
 
@@ -149,7 +149,7 @@ def label_features(loaded: LoadedModel, clt: CrossLayerTranscoder, samples: Sequ
     columns: dict[str, int] = {}
     hits = []  # per prompt position: (features that fired, its value ids, their activations)
     value_counts: dict[int, int] = {}
-    for sample in tqdm(samples, desc="labelling features", disable=not progress):
+    for sample in progress_bar(samples, desc="labelling features", disable=not progress):
         rec = record(loaded, clt, sample)
         encoding = encode_recorded(clt, rec)  # [S, L, k']
         attributes = position_attributes(loaded, sample, rec.input_ids)

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import data
 from .devices import resolve_device
 from .files import latest_version, write_json, write_version
+from .progress import progress_bar
 from .tensor_files import load_torch_tensors
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny-llava-shapes"  # the course's toy: 16 layers
@@ -236,7 +236,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     if config.attention_aux_weight:
         model.set_attn_implementation("eager")  # the auxiliary loss needs the attention probabilities
     supervised_layer = model.model.language_model.layers[supervised_head(config.n_layers)[0]].self_attn
-    bar = tqdm(total=end_step, initial=step, desc=f"toy ({config.n_layers} layers)", disable=not progress)
+    bar = progress_bar(total=end_step, initial=step, desc=f"toy ({config.n_layers} layers)", disable=not progress)
     start_time = time.time() - 60 * (curve[-1]["minutes"] if curve else 0)
     while step < end_step:
         model.train()

@@ -33,12 +33,12 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import checkpoints, optim, parallel, plan
 from .checkpoints import TrainingInterrupted, latest_checkpoint  # noqa: F401  (part of train's API)
 from .choices import Optimizer, Parallel, check
 from .clt import CLTConfig, CrossLayerTranscoder
+from .progress import progress_bar
 from .sources import ActivationBatch, ActivationSource  # noqa: F401  (train.ActivationBatch: the trainer's input type)
 from .tensor_files import load_torch_tensors, read_safetensors
 
@@ -299,7 +299,7 @@ def _train(clt_config: CLTConfig, cfg: TrainConfig, source: ActivationSource, ou
 
     start = state["step"]
     batches = islice(source.batches(cfg.batch_size, "train", cfg.seed), start, None)  # skip consumed batches
-    bar = tqdm(total=cfg.steps, initial=start, desc="train CLT", unit="step", disable=not progress or ranks.rank > 0)
+    bar = progress_bar(total=cfg.steps, initial=start, desc="train CLT", unit="step", disable=not progress or ranks.rank > 0)
     window = state["window"]  # sums over the steps since the last history entry (kept in checkpoints)
     session_start = last_saved = time.perf_counter()
     with checkpoints.StopRequests() as stops:

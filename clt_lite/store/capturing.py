@@ -14,13 +14,13 @@ from typing import NamedTuple
 
 import torch
 from safetensors.torch import save as safetensors_bytes
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..choices import DType, check
 from ..data import Sample, encode_batch, sample_prompt
 from ..files import write_bytes, write_json
 from ..models import LoadedModel
+from ..progress import progress_bar
 from .forward import TokenChunk, _keep_mask, forward_tokens
 from .schema import FORMAT, INPUT_SITES, KINDS, MANIFEST, META_BYTES, META_FIELDS, STORE_DTYPES, TARGET_SITE
 
@@ -120,7 +120,7 @@ def capture(loaded: LoadedModel, samples: Iterable[Sample], out_dir: str | Path,
     _check_disk(out, left * (per_token + META_BYTES), f"~{left:,} more tokens x {per_token + META_BYTES:,} B")
     write_json(out / MANIFEST, manifest)
     stream = islice(chain(probe, stream), done * shard_samples, None)
-    bar = tqdm(total=total_estimate or None, initial=manifest["n_tokens"], desc="capture", unit="tok", unit_scale=True,
+    bar = progress_bar(total=total_estimate or None, initial=manifest["n_tokens"], desc="capture", unit="tok", unit_scale=True,
                disable=not progress)
     new_tokens = new_bytes = 0
     index = done
