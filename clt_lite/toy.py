@@ -197,18 +197,16 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     from safetensors.torch import load_file, save_file
 
     out = Path(out)
-    if (record := out / "training.json").is_file() and json.loads(record.read_text())["config"] == asdict(config):
-        curve = json.loads(record.read_text())["curve"]
-        return {"steps": curve[-1]["step"], "curve": curve}
+    if (finished := out / "training.json").is_file() and (record := json.loads(finished.read_text()))["config"] == asdict(config):
+        return {"steps": record["curve"][-1]["step"], "curve": record["curve"]}
     first_step, end_step, curve = 0, config.steps, []
     if config.grow_from:
         base_config = replace(config, n_layers=config.grow_from, grow_from=0)
         base = train(base_config, out / "base", device, progress)
-    device = resolve_device(device)
-    processor = build_processor()
-    if config.grow_from:
         first_step, curve = base["steps"], base["curve"]
         end_step = first_step + config.grow_steps
+    device = resolve_device(device)
+    processor = build_processor()
     model = build_model(config, processor).to(device)
     # The auxiliary head is a training aid only: it is checkpointed but not part of the saved LLaVA.
     cell_head = torch.nn.Linear(config.d_model, 1 + len(data.SHAPES) * len(data.COLOURS)).to(device)
@@ -290,8 +288,8 @@ def deepen(model, factor: int) -> None:
     """Split every decoder layer of `model` into `factor` consecutive copies, each writing 1/factor of its update.
 
     x + f(x) becomes x + f(x)/factor + f(x + f(x)/factor)/factor + ...: the same function to first order in f, with
-    every new layer doing real work (copies of a trained layer, not identities). Progressive stacking
-    (Gong et al. 2019) without the halving; the halving keeps the residual stream's scale.
+    every new layer doing real work (copies of a trained layer, not identities). Like progressive stacking
+    (Gong et al. 2019), which copies layers whole; dividing the update keeps the residual stream's scale.
     """
     import copy
 
