@@ -97,8 +97,11 @@ def worker(args: argparse.Namespace, expansion: int, path: str) -> dict:
         step()
     sync(device)
     seconds = (time.perf_counter() - start) / args.steps
+    peak_mb = peak_memory_mb(device)
+    # step_mb: what the CLT, its optimizer and the step add to the process (on CPU, ru_maxrss also counts the ~0.7 GB
+    # of the interpreter and torch itself, the same for every path)
     return {"expansion": expansion, "path": path, "n_latents": cfg.num_latents, "step_s": seconds,
-            "tokens_per_s": args.batch_size / seconds, "peak_mb": peak_memory_mb(device), "base_mb": base_mb}
+            "tokens_per_s": args.batch_size / seconds, "peak_mb": peak_mb, "base_mb": base_mb, "step_mb": peak_mb - base_mb}
 
 
 def matmul_flops(args: argparse.Namespace, n_latents: int) -> float:
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             r["flops_vs_matmul"] = r["flops"] / mm
             entry[path] = r
             rows.append(f"  x{expansion:<3} n={cfg.num_latents:<6} {path:<16} {r['tokens_per_s']:>10,.0f} tok/s  "
-                        f"{r['step_s']:>8.3f} s/step  peak {r['peak_mb']:>8,.0f} MB (base {r['base_mb']:,.0f})  "
+                        f"{r['step_s']:>8.3f} s/step  peak {r['peak_mb']:>8,.0f} MB = base {r['base_mb']:,.0f} + step {r['step_mb']:,.0f}  "
                         f"{r['flops'] / 1e9:>8.2f} GFLOP/s = {r['flops_vs_matmul']:.2f} x matmul")
         if "sparse" in entry:
             compute_floor = p.train_flops_per_token * args.batch_size / mm

@@ -238,17 +238,22 @@ def top_features(graph: AttributionGraph, n: int = 15, labels: dict | None = Non
     return fig
 
 
-def route_share_plot(routes: dict, layer: int, head: int):
+def route_share_plot(routes: dict):
     """Mean share of the object's contribution to the answer passing through each layer's attention, one line per
-    question family (routes: family -> list of attribution.RouteShares), the known head marked."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    question family (routes: family -> list of attribution.RouteShares), the known heads marked (a star at their
+    last layer: their share, cut together)."""
+    heads = next(iter(routes.values()))[0].heads
+    layers = sorted({layer for layer, _ in heads})
+    named = ", ".join(f"head {head} of layer {layer}" for layer, head in heads)
+    fig, ax = plt.subplots(figsize=(6.5 if len(routes[next(iter(routes))][0].per_layer) <= 16 else 9, 3.2))
     for family, shares in routes.items():
         per_layer = torch.tensor([r.per_layer for r in shares]).mean(0).tolist()
         ax.plot(range(len(per_layer)), per_layer, marker="o", ms=3, label=family)
-        ax.scatter([layer], [sum(r.head for r in shares) / len(shares)], marker="*", s=90, zorder=3)
-    ax.axvline(layer, color="#999999", lw=0.8, ls="--")
-    ax.set(xlabel="layer whose attention from the object's patches is cut", ylabel="share of the object's contribution",
-           title=f"routes from the object to the answer (stars: head {head} of layer {layer} alone)")
+        ax.scatter([layers[-1]], [sum(r.through_heads for r in shares) / len(shares)], marker="*", s=90, zorder=3)
+    for layer in layers:
+        ax.axvline(layer, color="#999999", lw=0.8, ls="--")
+    ax.set(xlabel="layer whose attention from the object's patches is cut", ylabel="share of the object's contribution")
+    ax.set_title(f"routes from the object to the answer (stars: {named}{' together' if len(heads) > 1 else ''})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

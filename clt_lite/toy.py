@@ -233,7 +233,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     original_attention = model.config._attn_implementation
     if config.attention_aux_weight:
         model.set_attn_implementation("eager")  # the auxiliary loss needs the attention probabilities
-    supervised_layer = model.model.language_model.layers[supervised_head(config.n_layers)[0]].self_attn
+    supervised_layer = model.model.language_model.layers[supervised_heads(config.n_layers)[0][0]].self_attn
     bar = progress_bar(total=end_step, initial=step, desc=f"toy ({config.n_layers} layers)", disable=not progress)
     start_time = time.time() - 60 * (curve[-1]["minutes"] if curve else 0)
     while step < end_step:
@@ -314,9 +314,22 @@ def deepen(model, factor: int) -> None:
 SUPERVISED_HEAD = 0  # the head of the middle layer that the auxiliary loss trains
 
 
-def supervised_head(n_layers: int) -> tuple[int, int]:
-    """(layer, head) whose attention the auxiliary loss trains to look at the asked-about object: head 0 of the middle layer."""
-    return n_layers // 2, SUPERVISED_HEAD
+def supervised_heads(n_layers: int, grow_from: int = 0) -> list[tuple[int, int]]:
+    """(layer, head) pairs the auxiliary loss trained to look at the asked-about object: head 0 of the middle layer.
+    A toy grown from `grow_from` layers has that head in every copy `deepen` made of the base's middle layer."""
+    if not grow_from:
+        return [(n_layers // 2, SUPERVISED_HEAD)]
+    factor = n_layers // grow_from
+    return [(grow_from // 2 * factor + copy, SUPERVISED_HEAD) for copy in range(factor)]
+
+
+def known_heads(loaded) -> list[tuple[int, int]]:
+    """supervised_heads of a loaded toy (models.LoadedModel), read from the training.json next to its weights; the
+    middle layer's head 0 for models without one (a hub model, random:<preset>), where nothing was supervised."""
+    folder = SHIPPED[loaded.name][0] if loaded.name in SHIPPED else Path(loaded.name).expanduser()
+    record = folder / "training.json"
+    grow_from = json.loads(record.read_text())["config"].get("grow_from", 0) if record.is_file() else 0
+    return supervised_heads(loaded.n_layers, grow_from)
 
 
 def attention_aux_loss(attention: torch.Tensor, samples: list[data.Sample], batch: data.EncodedBatch, processor,

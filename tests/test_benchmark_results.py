@@ -71,7 +71,8 @@ def full_depth_figures(closed_loop: dict) -> dict[str, str]:
     card = (folder / "README.md").read_text().splitlines()
     accuracy = [float(v) for v in card[card.index("| colour | shape | count | exists | describe | all |") + 2].strip("| ").split(" | ")]
     drift = statistics.median(model_card.copy_drift(folder, config["n_layers"] // config["grow_from"]))
-    times = json.loads((RESULTS / "course-times-cpu32.json").read_text())["seconds"]
+    course_times = json.loads((RESULTS / "course-times-cpu32.json").read_text())
+    times, circuit = course_times["seconds"], course_times["known_circuit_05"]
     runs = closed_loop["results"]
     course, skip = [runs[n] for n in ("course", "seed1")], [runs[n] for n in ("skip", "skip+seed1")]
 
@@ -86,7 +87,12 @@ def full_depth_figures(closed_loop: dict) -> dict[str, str]:
             "rebuild": f"{curve[-1]['minutes']:.1f} minutes on 2 cores", "accuracy": f"at least {min(accuracy):.3f}",
             "drift": f"median relative difference of their MLP weights {drift:.3f}",
             "notebook 03": f"notebook 03 (three transcoders) takes {times['03']:.0f} s",
-            "course": f"all {sum(times.values()):.0f} s",
+            "notebook 05": f"notebook 05 {times['05']:.0f} s",
+            "course": f"all seven {sum(times.values()):.0f} s",
+            "known circuit": f"together carry {circuit['through_heads']['colour']:.2f} of colour answers' object contribution "
+                             f"and {circuit['through_heads']['describe']:.2f} of descriptions', the other heads of those "
+                             f"layers {circuit['other_heads_of_those_layers']['colour']:.2f} and "
+                             f"{circuit['other_heads_of_those_layers']['describe']:.2f}",
             "course KL": f"all 32 MLPs replaced {kls(course, 'all')}, MLP 0 kept {kls(course, 'kept0')}, "
                          f"MLP 0 alone {kls(course, 'only0')}",
             "skip KL": f"skip path {kls(skip, 'all')}, {kls(skip, 'kept0')} and {kls(skip, 'only0')}",

@@ -1,4 +1,4 @@
-"""The known circuit: how much of the answer travels from the object's patches through one layer's attention.
+"""The known circuit: how much of the answer travels from the object's patches through given attention heads.
 
 In the local replacement model attention patterns are frozen, so the model is linear in its sources and
 information leaves a position only through attention. The contribution of the sources at the object's image
@@ -29,9 +29,9 @@ class RouteShares(NamedTuple):
     """Shares of the object's contribution to the answer logit that pass through attention from its patches."""
 
     per_layer: list[float]  # through each layer's attention (every head)
-    head: float  # through the one head given
-    layer: int  # that head's layer
-    head_index: int  # and index
+    heads: list[tuple[int, int]]  # the (layer, head) pairs asked about
+    through_heads: float  # through those heads, cut together
+    through_their_layers: float  # through every head of their layers, cut together
     contribution: float  # the object's sources' total contribution to the answer logit (minus the mean logit)
 
 
@@ -73,14 +73,20 @@ def _object_contribution(local: LocalReplacement, positions: list[int], token: i
     return float(difference[token] - difference.mean())
 
 
-def route_shares(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample, layer: int, head: int = 0,
+def route_shares(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sample, heads: Sequence[tuple[int, int]],
                  token: int | None = None, max_feature_nodes: int = 4096) -> RouteShares:
     """Share of the asked-about object's contribution to the answer logit (the model's top token unless `token`) that
-    passes through attention reading from its patches: at each layer (all heads), and at (layer, head)."""
+    passes through attention reading from its patches: at each layer (all heads), through the (layer, head) pairs in
+    `heads` together (a grown toy's known circuit is a head copied into adjacent layers), and through all heads of
+    their layers together."""
     local = LocalReplacement(loaded, clt, sample, max_feature_nodes=max_feature_nodes)
     n_layers, n_heads = len(local.blocks), local.frozen.patterns[0].shape[0]
-    if not (0 <= layer < n_layers and 0 <= head < n_heads):
-        raise ValueError(f"head {head} of layer {layer} does not exist: the model has {n_layers} layers of {n_heads} heads")
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    if not heads:
+        raise ValueError("route_shares needs at least one (layer, head) pair")
+    for layer, head in heads:
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(f"head {head} of layer {layer} does not exist: the model has {n_layers} layers of {n_heads} heads")
     token = int(local.recorded.logits[-1].argmax()) if token is None else token
     positions = object_positions(loaded, sample, local.recorded.input_ids)
     total = _object_contribution(local, positions, token, [])
@@ -88,5 +94,8 @@ def route_shares(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sa
         raise ValueError(f"the object's patches contribute nothing to the answer of {sample.question!r}")
     every_head = range(n_heads)
     per_layer = [1 - _object_contribution(local, positions, token, [(l, every_head)]) / total for l in range(n_layers)]
-    through_head = 1 - _object_contribution(local, positions, token, [(layer, [head])]) / total
-    return RouteShares(per_layer, through_head, layer, head, total)
+    through_heads = 1 - _object_contribution(local, positions, token, [(layer, [head]) for layer, head in heads]) / total
+    layers = sorted({layer for layer, _ in heads})
+    through_layers = per_layer[layers[0]] if len(layers) == 1 else \
+        1 - _object_contribution(local, positions, token, [(layer, every_head) for layer in layers]) / total
+    return RouteShares(per_layer, heads, through_heads, through_layers, total)
