@@ -369,3 +369,25 @@ def test_ablation_effects_compare_the_graph_with_random_features(tiny, clt, samp
     assert two.ratio == pytest.approx(two.mean_abs("graph") / two.mean_abs("random"))
     with pytest.raises(ValueError, match="k >= 1"):
         A.ablation_effects(tiny, clt, samples[:1], ks=(0,))
+
+
+def test_edited_logits_add_every_edit_to_every_target_it_writes(tiny, clt, samples):
+    """The batched edit (one index_add per source layer) equals adding edits one at a time: repeated (layer, position,
+    latent) edits accumulate, and each edit reaches every target its feature writes, divided by that target's scale."""
+    from clt_lite.attribution.interventions import edited_logits
+    from clt_lite.attribution.local import record
+
+    rec = record(tiny, clt, samples[0])
+    S, d = len(rec.input_ids), tiny.d_model
+    edits = [(0, 3, 5, 70.0), (0, 3, 5, -20.0), (1, 2, 7, 150.0), (0, 4, 9, 30.0), (tiny.n_layers - 1, 1, 2, 200.0)]
+    delta = {}
+    for layer, position, latent, change in edits:
+        for target in range(layer, layer + clt.config.n_targets(layer)):
+            one = delta.setdefault(target, torch.zeros(S, d))
+            one[position] += change * clt.W_dec[layer][latent, target - layer].float() / clt.target_scale[target].float()
+    encoded = data.encode_batch(tiny.processor, [samples[0]])
+    patch = lambda l, mlp_out, resid_mid, mlp_in: mlp_out + delta[l].to(mlp_out)  # noqa: E731
+    with torch.no_grad(), sites.patch_mlp_out(tiny.model, patch, layers=sorted(delta)):
+        expected = tiny.model(**encoded.model_inputs(tiny.model)).logits[0, -1].float()
+    got = edited_logits(tiny, clt, samples[0], rec, edits)
+    assert torch.allclose(got, expected, atol=1e-5) and (got - rec.logits[-1].float()).abs().max() > 1e-3

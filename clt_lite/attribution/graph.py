@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -169,7 +170,7 @@ class _Rows:
         self.inputs, final = local.forward(self.points[0], self.points[1:])
         last = _linear(local.lm_head, final[:, -1])
         self.centered = last - last.mean(-1, keepdim=True)  # [B, V] demeaned logits
-        self.decoders = _dense_decoders(local)
+        self.decoders = _decoders_by_position(local)
 
     def __call__(self, targets: Tensor) -> Tensor:
         """[len(targets), n_sources] rows, in batches of B."""
@@ -180,7 +181,7 @@ class _Rows:
             grads = torch.autograd.grad(seeded, self.points, retain_graph=True)
             grad_embeds, *grad_writes = (g[: len(chunk)] for g in grads)
             grad_writes = torch.stack(grad_writes, dim=1)  # [batch, L, S, d]
-            out.append(torch.cat([_feature_edges(local, grad_writes, self.decoders),
+            out.append(torch.cat([_feature_edges(grad_writes, self.decoders),
                                   (grad_writes * local.errors).sum(-1).flatten(1),
                                   (grad_embeds * self.embeds.detach()).sum(-1)], dim=1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.n_sources)
@@ -256,24 +257,36 @@ def _seeded_targets(local: LocalReplacement, inputs: list[Tensor], centered: Ten
     return total + centered[copies[~is_feature], tokens].sum()
 
 
-def _dense_decoders(local: LocalReplacement) -> Tensor:
-    """[n_f, L, d] each feature's write vector at every target (zero where it does not write)."""
+class _DecodersByPosition(NamedTuple):
+    """Every feature's write vectors at all targets, rows grouped by the feature's position, so that each
+    position's rows are one contiguous block (gathering them per backward batch copied the whole table each time)."""
+
+    weights: Tensor  # [n_f, L * d] write vectors (zero at targets before the feature's layer), rows in `order`
+    order: Tensor  # feature ids (rows of local.features) sorted by position
+    unsort: Tensor  # inverse of order: column j of a result in `order` belongs to feature unsort[j]
+    blocks: list[tuple[int, int, int]]  # (position, first row, end row) of each position's block
+
+
+def _decoders_by_position(local: LocalReplacement) -> _DecodersByPosition:
     L, d = len(local.blocks), local.recorded.embeds.shape[1]
     dense = torch.zeros(len(local.features), L, d, device=local.device)
     for t, (ids, _, vectors) in enumerate(local.write_vectors):
         dense[ids, t] = vectors
-    return dense
+    positions = local.features[:, 1].to(local.device)
+    order = torch.argsort(positions, stable=True)
+    present, counts = torch.unique_consecutive(positions[order], return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    blocks = [(p, end - count, end) for p, count, end in zip(present.tolist(), counts.tolist(), ends)]
+    return _DecodersByPosition(dense[order].reshape(len(order), L * d), order, torch.argsort(order), blocks)
 
 
-def _feature_edges(local: LocalReplacement, grad_writes: Tensor, decoders: Tensor) -> Tensor:
+def _feature_edges(grad_writes: Tensor, decoders: _DecodersByPosition) -> Tensor:
     """[B, n_f] gradient at each feature's MLP-output write points dotted with its writes, one matmul per position."""
     batch, L, S, d = grad_writes.shape
-    edges = grad_writes.new_zeros(batch, len(local.features))
-    positions = local.features[:, 1].to(local.device)
-    for p in positions.unique().tolist():
-        ids = (positions == p).nonzero(as_tuple=True)[0]
-        edges[:, ids] = grad_writes[:, :, p].reshape(batch, L * d) @ decoders[ids].reshape(len(ids), L * d).T
-    return edges
+    edges = grad_writes.new_empty(batch, len(decoders.order))
+    for p, start, end in decoders.blocks:
+        edges[:, start:end] = grad_writes[:, :, p].reshape(batch, L * d) @ decoders.weights[start:end].T
+    return edges[:, decoders.unsort]
 
 
 def _graph_rows(local: LocalReplacement, graph: AttributionGraph) -> Tensor:

@@ -88,13 +88,18 @@ def edited_logits(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.S
     change) adds change * W_dec[layer->t] / target_scale[t] to mlp_out[t] at that position for every target t the
     feature writes; everything downstream is recomputed by the real (unfrozen) model."""
     cfg = clt.config
+    by_layer: dict[int, list[tuple[int, int, float]]] = {}
+    for layer, position, feature, change in edits:
+        by_layer.setdefault(layer, []).append((position, feature, float(change)))
     delta: dict[int, Tensor] = {}
-    with torch.no_grad():
-        for layer, position, feature, change in edits:
-            W = clt.W_dec[layer][feature].float() / clt.target_scale[layer : layer + cfg.n_targets(layer), None].float()
-            for offset in range(len(W)):
-                target = delta.setdefault(layer + offset, torch.zeros(len(rec.input_ids), W.shape[-1]))
-                target[position] += change * W[offset].cpu()
+    with torch.no_grad():  # one index_add per source layer: a swap edits thousands of features
+        for layer, rows in by_layer.items():
+            positions, features, changes = (torch.tensor(column) for column in zip(*rows))
+            W = clt.W_dec[layer][features.to(clt.b_dec.device)].float().cpu()  # [edits, targets, d]
+            W = W / clt.target_scale[layer : layer + cfg.n_targets(layer), None].float().cpu()
+            added = torch.zeros(len(rec.input_ids), *W.shape[1:]).index_add_(0, positions, changes[:, None, None] * W)
+            for offset in range(W.shape[1]):
+                delta[layer + offset] = delta[layer + offset] + added[:, offset] if layer + offset in delta else added[:, offset]
 
     def patch(l: int, mlp_out: Tensor, resid_mid: Tensor, mlp_in: Tensor) -> Tensor:
         return mlp_out + delta[l].to(mlp_out)
