@@ -88,6 +88,9 @@ def full_depth_figures(closed_loop: dict) -> dict[str, str]:
             "drift": f"median relative difference of their MLP weights {drift:.3f}",
             "notebook 03": f"notebook 03 (three transcoders) takes {times['03']:.0f} s",
             "notebook 05": f"notebook 05 {times['05']:.0f} s",
+            "notebook 05 before": f"Notebook 05 took {course_times['05_before_batched_interventions']['seconds']:.0f} s before",
+            "swap cell": f"its swap cell went from {course_times['05_before_batched_interventions']['swap-rate cell']:.0f} s to "
+                         f"{course_times['slowest_cells_s']['05']['swaps, 50 prompts (swap-rate)']:.0f} s",
             "course": f"all seven {sum(times.values()):.0f} s",
             "known circuit": f"together carry {circuit['through_heads']['colour']:.2f} of colour answers' object contribution "
                              f"and {circuit['through_heads']['describe']:.2f} of descriptions', the other heads of those "
