@@ -242,10 +242,10 @@ def route_share_plot(routes: dict):
     """Mean share of the object's contribution to the answer passing through each layer's attention, one line per
     question family (routes: family -> list of attribution.RouteShares), the known heads marked (a star at their
     last layer: their share, cut together)."""
-    heads = next(iter(routes.values()))[0].heads
-    layers = sorted({layer for layer, _ in heads})
+    first = next(iter(routes.values()))[0]
+    heads, layers = first.heads, sorted({layer for layer, _ in first.heads})
     named = ", ".join(f"head {head} of layer {layer}" for layer, head in heads)
-    fig, ax = plt.subplots(figsize=(6.5 if len(routes[next(iter(routes))][0].per_layer) <= 16 else 9, 3.2))
+    fig, ax = plt.subplots(figsize=(6.5 if len(first.per_layer) <= 16 else 9, 3.2))  # wider for 32 layers
     for family, shares in routes.items():
         per_layer = torch.tensor([r.per_layer for r in shares]).mean(0).tolist()
         ax.plot(range(len(per_layer)), per_layer, marker="o", ms=3, label=family)

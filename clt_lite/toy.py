@@ -233,6 +233,7 @@ def train(config: ToyConfig, out: str | Path, device: str = "auto", progress: bo
     original_attention = model.config._attn_implementation
     if config.attention_aux_weight:
         model.set_attn_implementation("eager")  # the auxiliary loss needs the attention probabilities
+    # A grown run keeps supervising the middle layer, the first copy of the base's supervised layer.
     supervised_layer = model.model.language_model.layers[supervised_heads(config.n_layers)[0][0]].self_attn
     bar = progress_bar(total=end_step, initial=step, desc=f"toy ({config.n_layers} layers)", disable=not progress)
     start_time = time.time() - 60 * (curve[-1]["minutes"] if curve else 0)
