@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -30,7 +29,7 @@ from .activations import batch_topk, compact, jump_relu
 from .choices import Activation, DType, InputSite, check, names
 from .devices import DTYPES
 from .files import atomic_write
-from .kernels import selected_pre_acts, sum_into_targets
+from .kernels import gather_rows, selected_pre_acts, sum_into_targets
 from .tensor_files import TensorDigest, check_names, open_safetensors
 
 CONFIG_FILE = "config.json"
@@ -147,7 +146,7 @@ class SourceDecoder(nn.Module):
         flat = self.weight.reshape(n, n_targets * d)
         if norms_only:
             return flat.norm(dim=1)[indices]
-        return F.embedding_bag(indices, flat, per_sample_weights=values.to(flat.dtype), mode="sum")
+        return gather_rows(flat, indices, values.to(flat.dtype))
 
 
 class CrossLayerTranscoder(nn.Module):

@@ -4,11 +4,20 @@
   layer, so backward need not keep the [B, L, n] pre-activations or zero-fill their gradient.
 - sum_into_targets: adds each source's contributions into the targets it writes with one in-place add per source;
   done through autograd's own in-place ops, every add would copy the whole [B, L, d] gradient in backward.
+- gather_rows: a decoder's sparse sum (embedding_bag's forward) whose backward, on the CPU in float32, is one fused
+  C++ pass (compiled on first use): embedding_bag's own backward zero-fills the whole table gradient, then reads and
+  writes one gradient row and reads one table row per (token, latent) pair; the fused pass sorts the pairs by latent,
+  reads each table row once and writes each gradient row once (about 2x faster at the toy's width:
+  benchmarks/bench_decoder_kernels.py).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -74,3 +83,99 @@ def sum_into_targets(parts: list[Tensor], n_layers: int, d: int) -> Tensor:
     """parts[s] [B, n_targets(s) * d] (source s's contributions to targets s, s+1, ...) -> their sum per target
     [B, L, d]."""
     return _SumIntoTargets.apply(n_layers, d, *parts)
+
+
+# Both gradients of out[b] = sum_i values[b, i] * table[indices[b, i]]: the (b, i) pairs counting-sorted by latent (a
+# stable sort, so every sum runs in the same order on any number of threads), then per latent r, in parallel:
+# grad_table[r] = sum over its pairs of values[b, i] * grad[b] and grad_values[b, i] = table[r] . grad[b].
+_DECODER_BACKWARD_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <vector>
+
+std::vector<torch::Tensor> decoder_backward(torch::Tensor table, torch::Tensor grad, torch::Tensor indices,
+                                            torch::Tensor values) {
+  TORCH_CHECK(table.is_contiguous() && table.scalar_type() == torch::kFloat && grad.scalar_type() == torch::kFloat &&
+              values.scalar_type() == torch::kFloat && indices.scalar_type() == torch::kLong && grad.stride(1) == 1,
+              "decoder_backward: float32 table, grad and values, int64 indices, contiguous rows");
+  const int64_t n = table.size(0), width = table.size(1), tokens = indices.size(0), k = indices.size(1);
+  const int64_t pairs = tokens * k, grad_stride = grad.stride(0);
+  auto indices_c = indices.contiguous();
+  auto values_c = values.contiguous();
+  const int64_t* latent = indices_c.data_ptr<int64_t>();
+  std::vector<int64_t> start(n + 1, 0), order(pairs);
+  for (int64_t p = 0; p < pairs; ++p) start[latent[p] + 1]++;
+  for (int64_t r = 0; r < n; ++r) start[r + 1] += start[r];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < pairs; ++p) order[next[latent[p]]++] = p;
+  auto grad_table = torch::empty_like(table);
+  auto grad_values = torch::empty({tokens, k}, values_c.options());
+  const float* W = table.data_ptr<float>();
+  const float* G = grad.data_ptr<float>();
+  const float* v = values_c.data_ptr<float>();
+  float* gW = grad_table.data_ptr<float>();
+  float* gv = grad_values.data_ptr<float>();
+  at::parallel_for(0, n, 8, [&](int64_t first, int64_t end) {
+    for (int64_t r = first; r < end; ++r) {
+      float* out = gW + r * width;
+      const float* row = W + r * width;
+      for (int64_t j = 0; j < width; ++j) out[j] = 0.f;
+      for (int64_t q = start[r]; q < start[r + 1]; ++q) {
+        const int64_t p = order[q];
+        const float* g = G + (p / k) * grad_stride;
+        const float weight = v[p];
+        float dot = 0.f;
+        #pragma omp simd reduction(+:dot)
+        for (int64_t j = 0; j < width; ++j) {
+          out[j] += weight * g[j];
+          dot += row[j] * g[j];
+        }
+        gv[p] = dot;
+      }
+    }
+  });
+  return {grad_table, grad_values};
+}
+"""
+
+
+@functools.cache
+def decoder_backward_kernel():
+    """The fused decoder backward, compiled on first use (a C++ compiler and ninja; cached in torch's extensions folder),
+    or None where it cannot be built: one warning says why, and training falls back to embedding_bag's backward."""
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline("clt_lite_decoder_backward", cpp_sources=_DECODER_BACKWARD_SOURCE, functions=["decoder_backward"],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
+    except Exception as err:  # no compiler, no ninja, or a toolchain torch cannot use
+        warnings.warn(f"the fused decoder backward could not be compiled ({str(err).strip().splitlines()[0]}); CLT training "
+                      "uses embedding_bag's backward instead, about half as fast (install a C++ compiler and ninja)",
+                      stacklevel=2)
+        return None
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: Tensor, indices: Tensor, values: Tensor, kernel) -> Tensor:
+        ctx.save_for_backward(table, indices, values)
+        ctx.kernel = kernel
+        return F.embedding_bag(indices, table, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        table, indices, values = ctx.saved_tensors
+        grad_table, grad_values = ctx.kernel.decoder_backward(table, grad if grad.stride(-1) == 1 else grad.contiguous(),
+                                                              indices, values)
+        return grad_table, None, grad_values, None
+
+
+def gather_rows(table: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """sum_i values[:, i] * table[indices[:, i]] -> [N, width], for table [n, width] and values, indices [N, k']: what
+    embedding_bag computes, with the fused backward where it applies (CPU, float32, a gradient wanted, not under
+    torch.distributed, whose sharded parameters are not plain tensors) and embedding_bag's own backward elsewhere."""
+    fused = (table.device.type == "cpu" and table.dtype == values.dtype == torch.float32 and torch.is_grad_enabled()
+             and (table.requires_grad or values.requires_grad) and not (dist.is_available() and dist.is_initialized()))
+    if fused and (kernel := decoder_backward_kernel()) is not None:
+        return _GatherRows.apply(table, indices, values, kernel)
+    return F.embedding_bag(indices, table, per_sample_weights=values, mode="sum")

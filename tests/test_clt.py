@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from clt_lite import circuit_tracer
@@ -321,3 +322,63 @@ def test_circuit_tracer_export_names_the_hook_each_input_site_is_read_at(tmp_pat
         circuit_tracer.export(clt, tmp_path / site)
         config = yaml.safe_load((tmp_path / site / "config.yaml").read_text())
         assert (config["feature_input_hook"], config["feature_output_hook"]) == (hook, "hook_mlp_out")
+
+
+def test_fused_decoder_backward_equals_embedding_bags_and_does_not_depend_on_threads():
+    """gather_rows's compiled backward against embedding_bag's autograd: both gradients, latents repeated within and
+    across tokens, a gradient with strided rows (as sum_into_targets hands each source); the same bits on 1 and 2 threads."""
+    from clt_lite.kernels import decoder_backward_kernel, gather_rows
+
+    if decoder_backward_kernel() is None:
+        pytest.skip("no C++ toolchain here: training falls back to embedding_bag's backward (warned)")
+    g = torch.Generator().manual_seed(0)
+    table, values = torch.randn(40, 24, generator=g), torch.rand(30, 5, generator=g)
+    indices = torch.randint(0, 12, (30, 5), generator=g)  # few latents: many repeats
+    grad = torch.randn(30, 32, generator=g)[:, 8:]  # rows 32 apart
+    results = []
+    for fused, threads in ((False, 1), (True, 1), (True, 2)):
+        torch.set_num_threads(threads)
+        W, v = table.clone().requires_grad_(), values.clone().requires_grad_()
+        out = (gather_rows if fused else lambda t, i, w: F.embedding_bag(i, t, per_sample_weights=w, mode="sum"))(W, indices, v)
+        assert ("GatherRows" in type(out.grad_fn).__name__) == fused
+        out.backward(grad)
+        results.append((out.detach(), W.grad, v.grad))
+    torch.set_num_threads(1)
+    (o0, w0, v0), (o1, w1, v1), (o2, w2, v2) = results
+    torch.testing.assert_close(o1, o0, rtol=0, atol=0)
+    torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(w1, w2) and torch.equal(v1, v2)
+    assert (w1[12:] == 0).all()  # latents no token chose get a zero gradient row, not uninitialised memory
+
+
+def test_gather_rows_falls_back_to_embedding_bag_where_the_kernel_does_not_apply(monkeypatch):
+    from clt_lite import kernels
+
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 8, (6, 3), generator=g)
+    double = kernels.gather_rows(torch.randn(8, 4, dtype=torch.float64, requires_grad=True), indices,
+                                 torch.rand(6, 3, dtype=torch.float64))
+    with torch.no_grad():
+        inference = kernels.gather_rows(torch.randn(8, 4, requires_grad=True), indices, torch.rand(6, 3))
+    assert "GatherRows" not in type(double.grad_fn).__name__ and inference.grad_fn is None
+    monkeypatch.setattr(kernels, "decoder_backward_kernel", lambda: None)  # no compiler on this machine
+    out = kernels.gather_rows(torch.randn(8, 4, requires_grad=True), indices, torch.rand(6, 3))
+    assert "EmbeddingBag" in type(out.grad_fn).__name__
+
+
+def test_a_failed_compile_warns_once_in_one_line_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from clt_lite import kernels
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
+
+    kernels.decoder_backward_kernel.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
+    try:
+        with pytest.warns(UserWarning, match=r"could not be compiled \(Ninja is required to load C\+\+ extensions\); CLT"):
+            assert kernels.decoder_backward_kernel() is None
+    finally:
+        kernels.decoder_backward_kernel.cache_clear()
