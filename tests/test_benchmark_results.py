@@ -102,6 +102,12 @@ def full_depth_figures(closed_loop: dict) -> dict[str, str]:
             "agreement": f"answer agreement {min(agreement):.3f}–{max(agreement):.3f}"}
 
 
+def test_readme_states_the_decoder_kernel_figures():
+    backward = json.loads((RESULTS / "decoder-kernels-cpu.json").read_text())["backward_s"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"takes {backward['fused c++']:.2f} s fused against {backward['embedding_bag']:.2f} s" in readme
+
+
 def test_readme_states_the_full_depth_figures():
     readme = " ".join((ROOT / "README.md").read_text().split())
     for what, value in full_depth_figures(json.loads((RESULTS / "closed-loop-cpu32.json").read_text())).items():
