@@ -41,10 +41,10 @@ figures: setup
 lab: setup
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser notebooks/00_setup.ipynb
 
+# nbval runs inside the tests (test_notebooks.py): every notebook once, from an empty cache, on a second CPU kernel path.
 test: setup
 	$(PY) -m ruff check clt_lite tests benchmarks notebooks interop
-	$(PY) -m pytest tests notebooks -m "not interrupts" --nbval-lax --nbval-current-env \
-		--nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout 1800
+	$(PY) -m pytest tests -m "not interrupts"
 
 # SIGINT and SIGKILL (ten random moments each) on train, capture and the toy's training; resumes must be exact (~3 min).
 test-interrupts: setup

@@ -106,16 +106,17 @@ def test_nbval_stays_exact_in_a_cell_without_tolerance(tmp_path):
     assert result.returncode != 0 and "1 failed" in result.stdout
 
 
-# Another CPU kernel path than a machine's default: AVX2 instead of AVX-512 in ATen's kernels and MKL's GEMMs,
-# and one thread instead of all (a different summation order). A few hundred optimizer steps carry their
+# Another CPU kernel path than the one that wrote the committed outputs: AVX2 instead of AVX-512 in ATen's kernels
+# and MKL's GEMMs (a different grouping of every fused multiply-add). A few hundred optimizer steps carry the
 # last-bit differences into the third decimal of a trained CLT's metrics; the TOLERANCE lines must absorb it.
-KERNEL_VARIANT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "1",
-                  "MKL_NUM_THREADS": "1"}
+# This is `make test`'s only run of the notebooks: on the machine that wrote the outputs, a run on its own kernel
+# path would reproduce them bit for bit and could not catch a tolerance that is too tight.
+KERNEL_VARIANT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 @pytest.mark.slow
-def test_checked_outputs_hold_on_another_kernel_path(tmp_path):
-    """Notebooks 02-06 (the capture, the CLTs and all that uses them) from an empty cache on another kernel path.
+def test_checked_outputs_hold_from_an_empty_cache_on_another_kernel_path(tmp_path):
+    """Every notebook, top to bottom, from an empty cache on another kernel path, checked by nbval.
 
     The copies sit in tmp_path/notebooks, so their run_dir (../runs/cpu) is an empty cache: the store is
     captured and every CLT trained again under KERNEL_VARIANT, then nbval compares with the committed outputs.
@@ -123,9 +124,8 @@ def test_checked_outputs_hold_on_another_kernel_path(tmp_path):
     folder = tmp_path / "notebooks"
     folder.mkdir()
     for path in NOTEBOOKS:
-        if path.name[:2] >= "02":
-            shutil.copy(path, folder)
-    result = _nbval(folder, env=KERNEL_VARIANT, timeout=3600)
+        shutil.copy(path, folder)
+    result = _nbval(folder, env=KERNEL_VARIANT, timeout=5400)
     failures = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
     assert result.returncode == 0, "\n".join(failures) + "\n" + result.stdout[-6000:]
 
