@@ -152,39 +152,51 @@ def attribute(loaded: LoadedModel, clt: CrossLayerTranscoder, sample: data.Sampl
 class _Rows:
     """Direct-effect rows of chosen targets, each over every source, from batched backward passes.
 
-    Targets are numbered features first (0..n_f-1), then logits. One frozen forward over batch_size copies; copy b
-    is seeded with the b-th target of a batch (its read vector at its input site, or the demeaned logit direction);
-    gradients are read at the write points (layer-0 input, each layer's MLP output) and dotted with each source's
-    write vector there.
+    Targets are numbered features first (0..n_f-1), then logits. A frozen forward over `copies` copies of the prompt;
+    copy b is seeded with the b-th target of a batch (its read vector at its input site, or the demeaned logit
+    direction); gradients are read at the write points (layer-0 input, each layer's MLP output) and dotted with each
+    source's write vector there. Full batches share one forward over B copies; a shorter batch (the logit rows, the
+    last batch) gets a forward of its own size, since a backward costs as many copies as its forward has.
     """
 
     def __init__(self, local: LocalReplacement, logit_tokens: Tensor, batch_size: int, n_rows: int):
         rec, self.local, self.logit_tokens = local.recorded, local, logit_tokens
-        S, d = rec.embeds.shape
+        S = rec.embeds.shape[0]
         self.n_f = len(local.features)
         self.n_sources = self.n_f + len(local.blocks) * S + S
         self.B = min(batch_size, n_rows)  # copies of the prompt: no more than the rows that will be computed
         self.embeds = rec.embeds.to(local.device).clone().requires_grad_()
-        writes = (local._feature_writes(torch.ones(self.n_f, device=local.device)) + local.errors).detach().requires_grad_()
-        self.points = [self.embeds.expand(self.B, S, d)] + [w.expand(self.B, S, d) for w in writes]  # per-copy gradients
-        self.inputs, final = local.forward(self.points[0], self.points[1:])
-        last = _linear(local.lm_head, final[:, -1])
-        self.centered = last - last.mean(-1, keepdim=True)  # [B, V] demeaned logits
+        self.writes = (local._feature_writes(torch.ones(self.n_f, device=local.device)) + local.errors).detach().requires_grad_()
         self.decoders = _decoders_by_position(local)
+        self.forwards: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}
+
+    def _forward(self, copies: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """(write points, input sites, demeaned last logits [copies, V]) of a frozen forward over `copies` copies; the
+        full-batch one is kept for every later batch, a shorter one only until the next call."""
+        if copies not in self.forwards:
+            if copies != self.B:
+                self.forwards = {self.B: self.forwards[self.B]} if self.B in self.forwards else {}
+            S, d = self.embeds.shape
+            points = [self.embeds.expand(copies, S, d)] + [w.expand(copies, S, d) for w in self.writes]  # per-copy gradients
+            inputs, final = self.local.forward(points[0], points[1:])
+            last = _linear(self.local.lm_head, final[:, -1])
+            self.forwards[copies] = (points, inputs, last - last.mean(-1, keepdim=True))
+        return self.forwards[copies]
 
     def __call__(self, targets: Tensor) -> Tensor:
-        """[len(targets), n_sources] rows, in batches of B."""
-        local, out = self.local, []
+        """[len(targets), n_sources] rows, in batches of at most B."""
+        local, n_f = self.local, self.n_f
+        out = torch.empty(len(targets), self.n_sources)
         for start in range(0, len(targets), self.B):
             chunk = targets[start : start + self.B]
-            seeded = _seeded_targets(local, self.inputs, self.centered, chunk, self.logit_tokens)
-            grads = torch.autograd.grad(seeded, self.points, retain_graph=True)
-            grad_embeds, *grad_writes = (g[: len(chunk)] for g in grads)
-            grad_writes = torch.stack(grad_writes, dim=1)  # [batch, L, S, d]
-            out.append(torch.cat([_feature_edges(grad_writes, self.decoders),
-                                  (grad_writes * local.errors).sum(-1).flatten(1),
-                                  (grad_embeds * self.embeds.detach()).sum(-1)], dim=1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.n_sources)
+            points, inputs, centered = self._forward(len(chunk))
+            seeded = _seeded_targets(local, inputs, centered, chunk, self.logit_tokens)
+            grad_embeds, *grad_writes = torch.autograd.grad(seeded, points, retain_graph=True)
+            rows = out[start : start + len(chunk)]
+            rows[:, n_f:-len(self.embeds)] = torch.stack([(g * e).sum(-1) for g, e in zip(grad_writes, local.errors)], 1).flatten(1).cpu()
+            rows[:, -len(self.embeds):] = (grad_embeds * self.embeds.detach()).sum(-1).cpu()
+            rows[:, :n_f] = _feature_edges(torch.stack(grad_writes, dim=2), self.decoders).cpu()  # stacked [batch, S, L, d]
+        return out
 
 
 def _adjacency(local: LocalReplacement, logit_tokens: Tensor, logit_probs: Tensor, batch_size: int,
@@ -258,34 +270,41 @@ def _seeded_targets(local: LocalReplacement, inputs: list[Tensor], centered: Ten
 
 
 class _DecodersByPosition(NamedTuple):
-    """Every feature's write vectors at all targets, rows grouped by the feature's position, so that each
-    position's rows are one contiguous block (gathering them per backward batch copied the whole table each time)."""
+    """Every feature's write vectors at the targets it writes, rows sorted by (position, layer) and cut into blocks of
+    one position and a few layers: a block's rows are contiguous, and its features write nothing before its first
+    layer, so its dot products skip those targets (about half of a full CLT's table is those zeros)."""
 
-    weights: Tensor  # [n_f, L * d] write vectors (zero at targets before the feature's layer), rows in `order`
-    order: Tensor  # feature ids (rows of local.features) sorted by position
+    weights: Tensor  # [n_f, L, d] write vectors (zero at targets before the feature's layer), rows in `order`
+    order: Tensor  # feature ids (rows of local.features) sorted by position, then layer
     unsort: Tensor  # inverse of order: column j of a result in `order` belongs to feature unsort[j]
-    blocks: list[tuple[int, int, int]]  # (position, first row, end row) of each position's block
+    blocks: list[tuple[int, int, int, int]]  # (position, first layer, first row, end row) of each block
+
+
+LAYERS_PER_BLOCK = 8  # fewer: more, smaller matmuls; more: more of the zeros before a feature's layer multiplied
 
 
 def _decoders_by_position(local: LocalReplacement) -> _DecodersByPosition:
     L, d = len(local.blocks), local.recorded.embeds.shape[1]
-    dense = torch.zeros(len(local.features), L, d, device=local.device)
+    layers, positions = (local.features[:, i].to(local.device) for i in (0, 1))
+    order = torch.argsort(positions * L + layers, stable=True)
+    unsort = torch.argsort(order)
+    weights = torch.zeros(len(order), L, d, device=local.device)
     for t, (ids, _, vectors) in enumerate(local.write_vectors):
-        dense[ids, t] = vectors
-    positions = local.features[:, 1].to(local.device)
-    order = torch.argsort(positions, stable=True)
-    present, counts = torch.unique_consecutive(positions[order], return_counts=True)
+        weights[unsort[ids], t] = vectors
+    keys = (positions * L + layers // LAYERS_PER_BLOCK * LAYERS_PER_BLOCK)[order]
+    present, counts = torch.unique_consecutive(keys, return_counts=True)
     ends = counts.cumsum(0).tolist()
-    blocks = [(p, end - count, end) for p, count, end in zip(present.tolist(), counts.tolist(), ends)]
-    return _DecodersByPosition(dense[order].reshape(len(order), L * d), order, torch.argsort(order), blocks)
+    blocks = [(*divmod(key, L), end - count, end) for key, count, end in zip(present.tolist(), counts.tolist(), ends)]
+    return _DecodersByPosition(weights, order, unsort, blocks)
 
 
 def _feature_edges(grad_writes: Tensor, decoders: _DecodersByPosition) -> Tensor:
-    """[B, n_f] gradient at each feature's MLP-output write points dotted with its writes, one matmul per position."""
-    batch, L, S, d = grad_writes.shape
+    """[B, n_f] gradient at each feature's MLP-output write points (grad_writes [B, S, L, d]) dotted with its writes,
+    one matmul per block over the targets from the block's first layer on."""
+    batch = grad_writes.shape[0]
     edges = grad_writes.new_empty(batch, len(decoders.order))
-    for p, start, end in decoders.blocks:
-        edges[:, start:end] = grad_writes[:, :, p].reshape(batch, L * d) @ decoders.weights[start:end].T
+    for p, first, start, end in decoders.blocks:
+        edges[:, start:end] = grad_writes[:, p, first:].flatten(1) @ decoders.weights[start:end, first:].flatten(1).T
     return edges[:, decoders.unsort]
 
 

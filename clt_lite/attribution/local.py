@@ -278,14 +278,17 @@ class LocalReplacement:
         Returns the CLT input site of every layer ([..., S, d] each) and the final normed residual.
         """
         fz, h, inputs = self.frozen, embeds, []
+        with torch.no_grad():  # each norm's frozen 1/rms times its weight, [S, d]: one product per norm in the graph
+            attn_scales = [fz.attn_rsqrt[l] * block.input_layernorm.weight.float() for l, block in enumerate(self.blocks)]
+            mlp_scales = [fz.mlp_rsqrt[l] * block.post_attention_layernorm.weight.float() for l, block in enumerate(self.blocks)]
         for l, block in enumerate(self.blocks):
-            a_in = h * fz.attn_rsqrt[l] * block.input_layernorm.weight.float()
-            h = h + self._attend(block.self_attn, a_in, fz.patterns[l])
-            x = h if self.clt.config.input_site == "resid_mid" else \
-                h * fz.mlp_rsqrt[l] * block.post_attention_layernorm.weight.float()
+            h = h + self._attend(block.self_attn, h * attn_scales[l], fz.patterns[l])
+            x = h if self.clt.config.input_site == "resid_mid" else h * mlp_scales[l]
             inputs.append(x)
-            h = h + writes[l] + self.constant[l] + self._skip(l, x)
-        return inputs, h * fz.final_rsqrt * self.lm.norm.weight.float()
+            h = h + writes[l] + self.constant[l]
+            if self.clt.config.skip_connection:
+                h = h + self._skip(l, x)
+        return inputs, h * (fz.final_rsqrt * self.lm.norm.weight.float())
 
     def read_rows(self, layer: int, latents: Tensor) -> Tensor:
         """[m, d] encoder rows x input_scale: a feature's pre-activation is row . x_layer[p] + b_enc."""
