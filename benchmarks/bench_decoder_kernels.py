@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from clt_lite.kernels import decoder_backward_kernel
+from clt_lite.kernels import compiled_kernels
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
             torch.sparse.sampled_addmm(csr(s), grad_out[:, s * d:], W.t(), beta=0.0)
 
     candidates = []
-    kernel = decoder_backward_kernel()  # clt_lite's own fused backward; None (warned) where it cannot be compiled
+    kernel = compiled_kernels()  # clt_lite's own fused backward; None (warned) where it cannot be compiled
     if kernel is not None:
         def fused_backward():
             for s, W in enumerate(tables):

@@ -29,7 +29,7 @@ from .activations import batch_topk, compact, jump_relu
 from .choices import Activation, DType, InputSite, check, names
 from .devices import DTYPES
 from .files import atomic_write
-from .kernels import gather_rows, selected_pre_acts, sum_into_targets
+from .kernels import encoder_pre_acts, gather_rows, selected_pre_acts, sum_into_targets, topk_pre_acts
 from .tensor_files import TensorDigest, check_names, open_safetensors
 
 CONFIG_FILE = "config.json"
@@ -203,10 +203,10 @@ class CrossLayerTranscoder(nn.Module):
             values, indices = compact(jump_relu(pre, self.log_threshold.exp(), cfg.jumprelu_bandwidth))
         else:  # select without gradient, then differentiate through the selected latents only
             with torch.no_grad():
-                pre = self._pre_acts(x)
                 if cfg.activation == "topk":  # the top k of pre are those of relu(pre); the ReLU comes below
-                    selected, indices = pre.topk(cfg.k, dim=-1, sorted=False)
+                    pre, indices = topk_pre_acts(x, self.W_enc, self.b_enc, cfg.k)
                 else:
+                    pre = self._pre_acts(x)
                     selected, indices = compact(batch_topk(pre.relu(), cfg.k))
                 indices = indices.contiguous()
             values = self.pre_acts_at(x, pre, indices).relu()
@@ -217,8 +217,8 @@ class CrossLayerTranscoder(nn.Module):
         return Encoding(values, indices, pre)
 
     def _pre_acts(self, x: Tensor) -> Tensor:
-        """x [B, L, d] -> W_enc x + b_enc [B, L, n], a view of one [L, B, n] baddbmm (bias added in the same pass)."""
-        return torch.baddbmm(self.b_enc[:, None], x.transpose(0, 1), self.W_enc.transpose(1, 2)).transpose(0, 1)
+        """x [B, L, d] -> W_enc x + b_enc [B, L, n] (kernels.encoder_pre_acts)."""
+        return encoder_pre_acts(x, self.W_enc, self.b_enc)
 
     def pre_acts_at(self, x: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
         """pre [B, L, n] (Encoding.pre_acts of x, no gradient) at `indices` [B, L, k'], differentiable in x and the

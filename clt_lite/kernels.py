@@ -9,6 +9,9 @@
   writes one gradient row and reads one table row per (token, latent) pair; the fused pass sorts the pairs by latent,
   reads each table row once and writes each gradient row once (about 2x faster at the toy's width:
   benchmarks/bench_decoder_kernels.py).
+- topk_pre_acts: a TopK encoder's pre-activations and selection; on the CPU in float32 the bias is added inside one
+  compiled pass over each row that also finds its k largest entries (baddbmm first copies the bias into the whole
+  [L, B, n] output, then torch.topk reads it all again).
 """
 
 from __future__ import annotations
@@ -85,10 +88,13 @@ def sum_into_targets(parts: list[Tensor], n_layers: int, d: int) -> Tensor:
     return _SumIntoTargets.apply(n_layers, d, *parts)
 
 
-# Both gradients of out[b] = sum_i values[b, i] * table[indices[b, i]]: the (b, i) pairs counting-sorted by latent (a
-# stable sort, so every sum runs in the same order on any number of threads), then per latent r, in parallel:
-# grad_table[r] = sum over its pairs of values[b, i] * grad[b] and grad_values[b, i] = table[r] . grad[b].
-_DECODER_BACKWARD_SOURCE = r"""
+# decoder_backward: both gradients of out[b] = sum_i values[b, i] * table[indices[b, i]]: the (b, i) pairs
+# counting-sorted by latent (a stable sort, so every sum runs in the same order on any number of threads), then per
+# latent r, in parallel: grad_table[r] = sum over its pairs of values[b, i] * grad[b] and grad_values[b, i] = table[r] . grad[b].
+# add_bias_topk_: per row (layer l, token b) of pre [L, B, n], in parallel: add bias[l] in place, then keep the k largest
+# entries in a sorted list (ties: the lower latent first; a later entry is compared with the k-th only, so the scan is
+# one comparison per entry once the list is full) and write them, largest first, to values and indices [B, L, k].
+_KERNELS_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <vector>
@@ -136,23 +142,92 @@ std::vector<torch::Tensor> decoder_backward(torch::Tensor table, torch::Tensor g
   });
   return {grad_table, grad_values};
 }
+
+std::vector<torch::Tensor> add_bias_topk_(torch::Tensor pre, torch::Tensor bias, int64_t k) {
+  TORCH_CHECK(pre.dim() == 3 && pre.is_contiguous() && pre.scalar_type() == torch::kFloat && bias.is_contiguous() &&
+              bias.scalar_type() == torch::kFloat && bias.size(0) == pre.size(0) && bias.size(1) == pre.size(2) &&
+              k >= 1 && k <= pre.size(2), "add_bias_topk_: contiguous float32 pre [L, B, n] and bias [L, n], 1 <= k <= n");
+  const int64_t L = pre.size(0), B = pre.size(1), n = pre.size(2);
+  auto values = torch::empty({B, L, k}, pre.options());
+  auto indices = torch::empty({B, L, k}, pre.options().dtype(torch::kLong));
+  float* P = pre.data_ptr<float>();
+  const float* C = bias.data_ptr<float>();
+  float* V = values.data_ptr<float>();
+  int64_t* I = indices.data_ptr<int64_t>();
+  at::parallel_for(0, L * B, 16, [&](int64_t first, int64_t end) {
+    std::vector<float> best(k);
+    std::vector<int64_t> which(k);
+    for (int64_t row = first; row < end; ++row) {
+      const int64_t l = row / B, b = row % B;
+      float* x = P + row * n;
+      const float* c = C + l * n;
+      #pragma omp simd
+      for (int64_t j = 0; j < n; ++j) x[j] += c[j];
+      int64_t filled = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = x[j];
+        if (filled == k && !(v > best[k - 1])) continue;
+        int64_t slot = filled < k ? filled++ : k - 1;
+        for (; slot > 0 && v > best[slot - 1]; --slot) {
+          best[slot] = best[slot - 1];
+          which[slot] = which[slot - 1];
+        }
+        best[slot] = v;
+        which[slot] = j;
+      }
+      float* out_v = V + (b * L + l) * k;
+      int64_t* out_i = I + (b * L + l) * k;
+      for (int64_t q = 0; q < k; ++q) {
+        out_v[q] = best[q];
+        out_i[q] = which[q];
+      }
+    }
+  });
+  return {values, indices};
+}
 """
 
 
 @functools.cache
-def decoder_backward_kernel():
-    """The fused decoder backward, compiled on first use (a C++ compiler and ninja; cached in torch's extensions folder),
-    or None where it cannot be built: one warning says why, and training falls back to embedding_bag's backward."""
+def compiled_kernels():
+    """The C++ kernels (decoder_backward, add_bias_topk_), compiled on first use (a C++ compiler and ninja; cached in
+    torch's extensions folder), or None where they cannot be built: one warning says why, and the CLT falls back to
+    PyTorch's own ops (embedding_bag's backward, baddbmm and topk)."""
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline("clt_lite_decoder_backward", cpp_sources=_DECODER_BACKWARD_SOURCE, functions=["decoder_backward"],
+        return load_inline("clt_lite_kernels", cpp_sources=_KERNELS_SOURCE, functions=["decoder_backward", "add_bias_topk_"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
     except Exception as err:  # no compiler, no ninja, or a toolchain torch cannot use
-        warnings.warn(f"the fused decoder backward could not be compiled ({str(err).strip().splitlines()[0]}); CLT training "
-                      "uses embedding_bag's backward instead, about half as fast (install a C++ compiler and ninja)",
+        warnings.warn(f"clt_lite's C++ kernels could not be compiled ({str(err).strip().splitlines()[0]}); the CLT uses "
+                      "PyTorch's own ops instead and trains about half as fast (install a C++ compiler and ninja)",
                       stacklevel=2)
         return None
+
+
+def _plain_cpu_float32(*tensors: Tensor) -> bool:
+    """Where the compiled kernels apply: CPU float32 tensors, outside torch.distributed (whose sharded parameters are
+    not plain tensors)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not (dist.is_available() and dist.is_initialized()))
+
+
+def encoder_pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """x [B, L, d] -> W_enc x + b_enc [B, L, n], a view of one [L, B, n] baddbmm (bias added in the same pass)."""
+    return torch.baddbmm(b_enc[:, None], x.transpose(0, 1), W_enc.transpose(1, 2)).transpose(0, 1)
+
+
+@torch.no_grad()
+def topk_pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(encoder_pre_acts(x, W_enc, b_enc) [B, L, n], the indices [B, L, k] of each token and layer's k largest), without
+    gradient. Where the compiled kernels apply, the indices come largest first (ties: the lower latent first) from
+    one pass that also adds the bias; elsewhere from torch.topk, in its unspecified order."""
+    if _plain_cpu_float32(x, W_enc, b_enc) and (kernels := compiled_kernels()) is not None:
+        pre = torch.bmm(x.transpose(0, 1), W_enc.transpose(1, 2))  # [L, B, n]
+        _, indices = kernels.add_bias_topk_(pre, b_enc.contiguous(), k)
+        return pre.transpose(0, 1), indices
+    pre = encoder_pre_acts(x, W_enc, b_enc)
+    return pre, pre.topk(k, dim=-1, sorted=False).indices
 
 
 class _GatherRows(torch.autograd.Function):
@@ -174,8 +249,7 @@ def gather_rows(table: Tensor, indices: Tensor, values: Tensor) -> Tensor:
     """sum_i values[:, i] * table[indices[:, i]] -> [N, width], for table [n, width] and values, indices [N, k']: what
     embedding_bag computes, with the fused backward where it applies (CPU, float32, a gradient wanted, not under
     torch.distributed, whose sharded parameters are not plain tensors) and embedding_bag's own backward elsewhere."""
-    fused = (table.device.type == "cpu" and table.dtype == values.dtype == torch.float32 and torch.is_grad_enabled()
-             and (table.requires_grad or values.requires_grad) and not (dist.is_available() and dist.is_initialized()))
-    if fused and (kernel := decoder_backward_kernel()) is not None:
-        return _GatherRows.apply(table, indices, values, kernel)
+    fused = _plain_cpu_float32(table, values) and torch.is_grad_enabled() and (table.requires_grad or values.requires_grad)
+    if fused and (kernels := compiled_kernels()) is not None:
+        return _GatherRows.apply(table, indices, values, kernels)
     return F.embedding_bag(indices, table, per_sample_weights=values, mode="sum")

@@ -327,9 +327,9 @@ def test_circuit_tracer_export_names_the_hook_each_input_site_is_read_at(tmp_pat
 def test_fused_decoder_backward_equals_embedding_bags_and_does_not_depend_on_threads():
     """gather_rows's compiled backward against embedding_bag's autograd: both gradients, latents repeated within and
     across tokens, a gradient with strided rows (as sum_into_targets hands each source); the same bits on 1 and 2 threads."""
-    from clt_lite.kernels import decoder_backward_kernel, gather_rows
+    from clt_lite.kernels import compiled_kernels, gather_rows
 
-    if decoder_backward_kernel() is None:
+    if compiled_kernels() is None:
         pytest.skip("no C++ toolchain here: training falls back to embedding_bag's backward (warned)")
     g = torch.Generator().manual_seed(0)
     table, values = torch.randn(40, 24, generator=g), torch.rand(30, 5, generator=g)
@@ -362,7 +362,7 @@ def test_gather_rows_falls_back_to_embedding_bag_where_the_kernel_does_not_apply
     with torch.no_grad():
         inference = kernels.gather_rows(torch.randn(8, 4, requires_grad=True), indices, torch.rand(6, 3))
     assert "GatherRows" not in type(double.grad_fn).__name__ and inference.grad_fn is None
-    monkeypatch.setattr(kernels, "decoder_backward_kernel", lambda: None)  # no compiler on this machine
+    monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)  # no compiler on this machine
     out = kernels.gather_rows(torch.randn(8, 4, requires_grad=True), indices, torch.rand(6, 3))
     assert "EmbeddingBag" in type(out.grad_fn).__name__
 
@@ -375,10 +375,46 @@ def test_a_failed_compile_warns_once_in_one_line_and_falls_back(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
-    kernels.decoder_backward_kernel.cache_clear()
+    kernels.compiled_kernels.cache_clear()
     monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
     try:
-        with pytest.warns(UserWarning, match=r"could not be compiled \(Ninja is required to load C\+\+ extensions\); CLT"):
-            assert kernels.decoder_backward_kernel() is None
+        with pytest.warns(UserWarning, match=r"could not be compiled \(Ninja is required to load C\+\+ extensions\); the CLT"):
+            assert kernels.compiled_kernels() is None
     finally:
-        kernels.decoder_backward_kernel.cache_clear()
+        kernels.compiled_kernels.cache_clear()
+
+
+def test_compiled_topk_selects_what_torch_topk_selects_largest_first_on_any_number_of_threads():
+    """topk_pre_acts's compiled pass against baddbmm + torch.topk: the same pre-activations (bias added in place), the
+    same latents largest first, ties broken toward the lower latent, the same bits on 1 and 2 threads."""
+    from clt_lite.kernels import compiled_kernels, encoder_pre_acts, topk_pre_acts
+
+    if compiled_kernels() is None:
+        pytest.skip("no C++ toolchain here: the encoder falls back to baddbmm and torch.topk (warned)")
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(50, 3, 16, generator=g), torch.randn(3, 40, 16, generator=g), torch.randn(3, 40, generator=g)
+    reference = encoder_pre_acts(x, W, b)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(topk_pre_acts(x, W, b, 5))
+    torch.set_num_threads(1)
+    (pre, indices), (pre2, indices2) = results
+    torch.testing.assert_close(pre, reference, rtol=1e-6, atol=1e-6)
+    expected = reference.topk(5, dim=-1)
+    torch.testing.assert_close(pre.gather(-1, indices), expected.values, rtol=0, atol=0)
+    assert torch.equal(indices, expected.indices) and torch.equal(pre, pre2) and torch.equal(indices, indices2)
+    tied = torch.zeros(1, 1, 4, requires_grad=False)  # every latent ties: the lowest k win
+    _, first = topk_pre_acts(tied, torch.zeros(1, 6, 4), torch.tensor([[0.0, 1, 1, 0, 1, 1]]), 3)
+    assert first.flatten().tolist() == [1, 2, 4]
+
+
+def test_topk_pre_acts_falls_back_to_torch_where_the_kernel_does_not_apply(monkeypatch):
+    from clt_lite import kernels
+
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(8, 2, 4, generator=g), torch.randn(2, 10, 4, generator=g), torch.randn(2, 10, generator=g)
+    monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)
+    for dtype in (torch.float64, torch.float32):
+        pre, indices = kernels.topk_pre_acts(x.to(dtype), W.to(dtype), b.to(dtype), 3)
+        assert pre.dtype == dtype and torch.equal(indices.sort(-1).values, pre.topk(3, dim=-1).indices.sort(-1).values)
