@@ -70,7 +70,7 @@ def main() -> None:
     if kernel is not None:
         def fused_backward():
             for s, W in enumerate(tables):
-                kernel.decoder_backward(W, grad_out[:, s * d:], indices[:, s], values[:, s])
+                kernel.decoder_backward(W, grad_out[:, s * d:], indices[:, s], values[:, s], True)
 
         candidates.append(("fused c++ backward", fused_backward))
 

@@ -47,7 +47,12 @@ class _SelectedPreActs(torch.autograd.Function):
             grad_x = torch.stack([F.embedding_bag(indices[:, layer], W_enc[layer], mode="sum",
                                                   per_sample_weights=grad[:, layer].to(W_enc.dtype))
                                   for layer in range(n_layers)], 1).to(x.dtype)
-        if ctx.needs_input_grad[1]:  # per layer, so the [B*k, d] outer products stay small; summed in float32
+        if ctx.needs_input_grad[1] and _plain_cpu_float32(x, W_enc, grad) and (kernels := compiled_kernels()) is not None:
+            # grad_W[l][r] = sum over the (b, j) with indices[b, l, j] = r of grad[b, l, j] x[b, l]: the decoder's table
+            # gradient with x in the place of the incoming gradient, one compiled pass per layer
+            grad_W = torch.stack([kernels.decoder_backward(W_enc[layer], x[:, layer], indices[:, layer], grad[:, layer], False)[0]
+                                  for layer in range(n_layers)])
+        elif ctx.needs_input_grad[1]:  # per layer, so the [B*k, d] outer products stay small; summed in float32
             grad_W = torch.empty_like(W_enc)
             for layer in range(n_layers):
                 rows = (grad[:, layer, :, None].float() * x[:, layer, None, :].float()).reshape(-1, d)
@@ -91,8 +96,8 @@ def sum_into_targets(parts: list[Tensor], n_layers: int, d: int) -> Tensor:
 # decoder_backward: both gradients of out[b] = sum_i values[b, i] * table[indices[b, i]]: the (b, i) pairs
 # counting-sorted by latent (a stable sort, so every sum runs in the same order on any number of threads), then per
 # latent r, in parallel: grad_table[r] = sum over its pairs of values[b, i] * grad[b] and grad_values[b, i] = table[r] . grad[b].
-# add_bias_topk_: per row (layer l, token b) of pre [L, B, n], in parallel: add bias[l] in place, then keep the k largest
-# entries in a sorted list (ties: the lower latent first; a later entry is compared with the k-th only, so the scan is
+# biased_topk: per row (layer l, token b) of pre [L, B, n], in parallel: add bias[l] (in place with write_back), keep the
+# k largest sums in a sorted list (ties: the lower latent first; a later entry is compared with the k-th only, so the scan is
 # one comparison per entry once the list is full) and write them, largest first, to values and indices [B, L, k].
 _KERNELS_SOURCE = r"""
 #include <torch/extension.h>
@@ -100,7 +105,7 @@ _KERNELS_SOURCE = r"""
 #include <vector>
 
 std::vector<torch::Tensor> decoder_backward(torch::Tensor table, torch::Tensor grad, torch::Tensor indices,
-                                            torch::Tensor values) {
+                                            torch::Tensor values, bool with_values) {
   TORCH_CHECK(table.is_contiguous() && table.scalar_type() == torch::kFloat && grad.scalar_type() == torch::kFloat &&
               values.scalar_type() == torch::kFloat && indices.scalar_type() == torch::kLong && grad.stride(1) == 1,
               "decoder_backward: float32 table, grad and values, int64 indices, contiguous rows");
@@ -115,7 +120,7 @@ std::vector<torch::Tensor> decoder_backward(torch::Tensor table, torch::Tensor g
   std::vector<int64_t> next(start.begin(), start.end() - 1);
   for (int64_t p = 0; p < pairs; ++p) order[next[latent[p]]++] = p;
   auto grad_table = torch::empty_like(table);
-  auto grad_values = torch::empty({tokens, k}, values_c.options());
+  auto grad_values = torch::empty({with_values ? tokens : 0, k}, values_c.options());
   const float* W = table.data_ptr<float>();
   const float* G = grad.data_ptr<float>();
   const float* v = values_c.data_ptr<float>();
@@ -130,23 +135,28 @@ std::vector<torch::Tensor> decoder_backward(torch::Tensor table, torch::Tensor g
         const int64_t p = order[q];
         const float* g = G + (p / k) * grad_stride;
         const float weight = v[p];
-        float dot = 0.f;
-        #pragma omp simd reduction(+:dot)
-        for (int64_t j = 0; j < width; ++j) {
-          out[j] += weight * g[j];
-          dot += row[j] * g[j];
+        if (with_values) {
+          float dot = 0.f;
+          #pragma omp simd reduction(+:dot)
+          for (int64_t j = 0; j < width; ++j) {
+            out[j] += weight * g[j];
+            dot += row[j] * g[j];
+          }
+          gv[p] = dot;
+        } else {
+          #pragma omp simd
+          for (int64_t j = 0; j < width; ++j) out[j] += weight * g[j];
         }
-        gv[p] = dot;
       }
     }
   });
   return {grad_table, grad_values};
 }
 
-std::vector<torch::Tensor> add_bias_topk_(torch::Tensor pre, torch::Tensor bias, int64_t k) {
+std::vector<torch::Tensor> biased_topk(torch::Tensor pre, torch::Tensor bias, int64_t k, bool write_back) {
   TORCH_CHECK(pre.dim() == 3 && pre.is_contiguous() && pre.scalar_type() == torch::kFloat && bias.is_contiguous() &&
               bias.scalar_type() == torch::kFloat && bias.size(0) == pre.size(0) && bias.size(1) == pre.size(2) &&
-              k >= 1 && k <= pre.size(2), "add_bias_topk_: contiguous float32 pre [L, B, n] and bias [L, n], 1 <= k <= n");
+              k >= 1 && k <= pre.size(2), "biased_topk: contiguous float32 pre [L, B, n] and bias [L, n], 1 <= k <= n");
   const int64_t L = pre.size(0), B = pre.size(1), n = pre.size(2);
   auto values = torch::empty({B, L, k}, pre.options());
   auto indices = torch::empty({B, L, k}, pre.options().dtype(torch::kLong));
@@ -161,11 +171,13 @@ std::vector<torch::Tensor> add_bias_topk_(torch::Tensor pre, torch::Tensor bias,
       const int64_t l = row / B, b = row % B;
       float* x = P + row * n;
       const float* c = C + l * n;
-      #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) x[j] += c[j];
+      if (write_back) {
+        #pragma omp simd
+        for (int64_t j = 0; j < n; ++j) x[j] += c[j];
+      }
       int64_t filled = 0;
       for (int64_t j = 0; j < n; ++j) {
-        const float v = x[j];
+        const float v = write_back ? x[j] : x[j] + c[j];
         if (filled == k && !(v > best[k - 1])) continue;
         int64_t slot = filled < k ? filled++ : k - 1;
         for (; slot > 0 && v > best[slot - 1]; --slot) {
@@ -190,13 +202,13 @@ std::vector<torch::Tensor> add_bias_topk_(torch::Tensor pre, torch::Tensor bias,
 
 @functools.cache
 def compiled_kernels():
-    """The C++ kernels (decoder_backward, add_bias_topk_), compiled on first use (a C++ compiler and ninja; cached in
+    """The C++ kernels (decoder_backward, biased_topk), compiled on first use (a C++ compiler and ninja; cached in
     torch's extensions folder), or None where they cannot be built: one warning says why, and the CLT falls back to
     PyTorch's own ops (embedding_bag's backward, baddbmm and topk)."""
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline("clt_lite_kernels", cpp_sources=_KERNELS_SOURCE, functions=["decoder_backward", "add_bias_topk_"],
+        return load_inline("clt_lite_kernels", cpp_sources=_KERNELS_SOURCE, functions=["decoder_backward", "biased_topk"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
     except Exception as err:  # no compiler, no ninja, or a toolchain torch cannot use
         warnings.warn(f"clt_lite's C++ kernels could not be compiled ({str(err).strip().splitlines()[0]}); the CLT uses "
@@ -224,10 +236,22 @@ def topk_pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tens
     one pass that also adds the bias; elsewhere from torch.topk, in its unspecified order."""
     if _plain_cpu_float32(x, W_enc, b_enc) and (kernels := compiled_kernels()) is not None:
         pre = torch.bmm(x.transpose(0, 1), W_enc.transpose(1, 2))  # [L, B, n]
-        _, indices = kernels.add_bias_topk_(pre, b_enc.contiguous(), k)
+        _, indices = kernels.biased_topk(pre, b_enc.contiguous(), k, True)
         return pre.transpose(0, 1), indices
     pre = encoder_pre_acts(x, W_enc, b_enc)
     return pre, pre.topk(k, dim=-1, sorted=False).indices
+
+
+@torch.no_grad()
+def masked_topk(pre: Tensor, allowed: Tensor, k: int) -> Tensor:
+    """Indices [B, L, k] of the k largest entries of pre [B, L, n] among the latents `allowed` [L, n] (AuxK: the dead
+    ones); where a layer allows fewer than k, the rest are other latents, as torch.topk of the -inf-masked pre gives.
+    Compiled where it applies (pre a view of a contiguous [L, B, n], as the encoder makes it): no masked copy of pre."""
+    by_layer = pre.transpose(0, 1)
+    if _plain_cpu_float32(pre) and by_layer.is_contiguous() and (kernels := compiled_kernels()) is not None:
+        mask = torch.zeros(allowed.shape, dtype=pre.dtype, device=pre.device).masked_fill_(~allowed, -torch.inf)
+        return kernels.biased_topk(by_layer, mask, k, False)[1]
+    return pre.masked_fill(~allowed, -torch.inf).topk(k, dim=-1, sorted=False).indices
 
 
 class _GatherRows(torch.autograd.Function):
@@ -241,8 +265,8 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         table, indices, values = ctx.saved_tensors
         grad_table, grad_values = ctx.kernel.decoder_backward(table, grad if grad.stride(-1) == 1 else grad.contiguous(),
-                                                              indices, values)
-        return grad_table, None, grad_values, None
+                                                              indices, values, ctx.needs_input_grad[2])
+        return grad_table, None, grad_values if ctx.needs_input_grad[2] else None, None
 
 
 def gather_rows(table: Tensor, indices: Tensor, values: Tensor) -> Tensor:

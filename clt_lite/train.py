@@ -38,6 +38,7 @@ from . import checkpoints, optim, parallel, plan
 from .checkpoints import TrainingInterrupted, latest_checkpoint  # noqa: F401  (part of train's API)
 from .choices import Optimizer, Parallel, check
 from .clt import CLTConfig, CrossLayerTranscoder
+from .kernels import masked_topk
 from .progress import progress_bar
 from .sources import ActivationBatch, ActivationSource  # noqa: F401  (train.ActivationBatch: the trainer's input type)
 from .tensor_files import load_torch_tensors, read_safetensors
@@ -141,7 +142,7 @@ def _aux_k_loss(clt: CrossLayerTranscoder, x: Tensor, pre_acts: Tensor, residual
         return pre_acts.new_zeros(())
     k_aux = min(clt.config.d_model // 2, clt.config.num_latents)
     with torch.no_grad():
-        indices = pre_acts.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+        indices = masked_topk(pre_acts, dead, k_aux)
     predicted = clt.latent_sum(clt.pre_acts_at(x, pre_acts, indices).relu(), indices)
     scale = min(n_dead / (k_aux * clt.config.n_layers), 1.0)
     return scale * ((predicted.float() - residual).pow(2).sum((0, 2)) / variance).mean()

@@ -418,3 +418,30 @@ def test_topk_pre_acts_falls_back_to_torch_where_the_kernel_does_not_apply(monke
     for dtype in (torch.float64, torch.float32):
         pre, indices = kernels.topk_pre_acts(x.to(dtype), W.to(dtype), b.to(dtype), 3)
         assert pre.dtype == dtype and torch.equal(indices.sort(-1).values, pre.topk(3, dim=-1).indices.sort(-1).values)
+
+
+def test_compiled_encoder_gradient_and_masked_topk_equal_pytorchs(monkeypatch):
+    """The encoder's weight gradient through the compiled pass, and AuxK's masked selection, against the PyTorch path."""
+    from clt_lite import kernels
+
+    if kernels.compiled_kernels() is None:
+        pytest.skip("no C++ toolchain here: PyTorch's ops are used (warned)")
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(30, 3, 8, generator=g), torch.randn(3, 20, 8, generator=g), torch.randn(3, 20, generator=g)
+    pre, indices = kernels.topk_pre_acts(x, W, b, 4)
+    grads = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)
+        W_, b_ = W.clone().requires_grad_(), b.clone().requires_grad_()
+        kernels.selected_pre_acts(x, W_, b_, pre, indices).pow(2).sum().backward()
+        grads.append(W_.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    allowed = torch.rand(3, 20, generator=g) < 0.3
+    allowed[0] = False
+    allowed[0, :2] = True  # layer 0 allows fewer latents than k: the rest come from the others, as with torch
+    chosen = kernels.masked_topk(pre, allowed, 4)
+    expected = pre.masked_fill(~allowed, -torch.inf).topk(4, dim=-1).indices
+    torch.testing.assert_close(pre.gather(-1, chosen[:, 1:]), pre.gather(-1, expected[:, 1:]), rtol=0, atol=0)
+    assert allowed[0].gather(0, chosen[:, 0].flatten()).view(30, 4)[:, :2].all()
