@@ -23,6 +23,11 @@ class _ExplorerView(w.VBox):
 
     name = "feature explorer"
 
+    def __init__(self, children):
+        super().__init__(children)
+        # A CSS class of its own, so a page (and tests/ui_lab.py) can tell it from tqdm's progress-bar widgets.
+        self.add_class("clt-lite-" + self.name.replace(" ", "-"))
+
     def __repr__(self) -> str:  # ipywidgets cuts the text form at 110 characters
         return f"[{self.name}: run the notebook's cells (Run > Run All Cells) to use it here]"
 

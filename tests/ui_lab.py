@@ -76,12 +76,13 @@ def _run_all(page, timeout_s: float) -> None:
 
 def _explore(page) -> dict:
     """Pick the second graph feature and move the steering slider; the summary and the answer line must change."""
-    summary = page.locator(".widget-html").first
-    answer = page.locator(".widget-html").last
+    explorer = page.locator(".clt-lite-feature-explorer").first  # not tqdm's HTML widgets, which a cold run also shows
+    summary = explorer.locator(".widget-html").first
+    answer = explorer.locator(".widget-html").last
     before = (summary.inner_text(), answer.inner_text())
-    page.locator(".widget-dropdown select").first.select_option(index=1)
+    explorer.locator(".widget-dropdown select").first.select_option(index=1)
     page.wait_for_function("([el, old]) => el.innerText !== old", arg=[summary.element_handle(), before[0]], timeout=120_000)
-    handle = page.locator(".widget-slider .noUi-handle").first
+    handle = explorer.locator(".widget-slider .noUi-handle").first
     handle.focus()
     page.keyboard.press("ArrowRight")
     page.wait_for_function("([el, old]) => !el.innerText.includes(old)", arg=[answer.element_handle(), "x1:"], timeout=120_000)
