@@ -13,6 +13,8 @@ reporting KL(original || replacement) over text positions and answer-token top-1
   skip     plus a learned linear skip from each layer's input to its MLP output (W_skip)
   x16      twice the latents per layer (expansion 16)
   tokens4x four times the training tokens (the store is reused for more epochs)
+  closedloop  then fine-tuned through its own closed loop (clt_lite.closed_loop: KL + closed-loop FVU, on
+              training prompts; the cached CLT is not changed)
 
 and combinations joined by "+" (skip+x16); a part seedN trains with seed N (seed1, skip+seed1) to show how much
 of a difference is the seed's.
@@ -29,11 +31,12 @@ from dataclasses import replace
 
 import torch
 
-from clt_lite import course, data, models
+from clt_lite import closed_loop, course, data, models
 from clt_lite import replacement as R
 from clt_lite.notebooks import ROOT, load_config
+from clt_lite.train import evaluate
 
-VARIANTS = ("course", "skip", "x16", "tokens4x")
+VARIANTS = ("course", "skip", "x16", "tokens4x", "closedloop")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,8 +89,17 @@ def main(argv=None) -> None:
         clt_config, train_config = variant_configs(loaded, recipe, name)
         start = time.perf_counter()
         clt, trained = course.train_clt(source, args.run_dir, clt_config, train_config, progress=False)
+        row = {"val_fvu_mean": sum(trained.fvu) / len(trained.fvu), "val_fvu_layer0": trained.fvu[0]}
+        if "closedloop" in name.split("+"):
+            prompts = data.shapes_world(recipe["capture_samples"], "train", seed=recipe["seed"], world=loaded.world)
+            history = closed_loop.finetune(loaded, clt, prompts, progress=False)
+            after = evaluate(clt, source, train_config.batch_size)  # still a transcoder on the original's activations?
+            row["finetune"] = {"config": vars(closed_loop.ClosedLoopConfig()), "kl_every_25_steps": [
+                round(step.kl, 4) for step in history[::25]] + [round(history[-1].kl, 4)],
+                "closed_loop_fvu": {"first": history[0].fvu, "last": history[-1].fvu},
+                "val_fvu_mean_after": sum(after.fvu) / len(after.fvu), "val_fvu_layer0_after": after.fvu[0]}
         seconds = time.perf_counter() - start
-        row = {"train_seconds": seconds, "val_fvu_mean": sum(trained.fvu) / len(trained.fvu), "val_fvu_layer0": trained.fvu[0]}
+        row["train_seconds"] = seconds
         for which, layers in (("all", range(L)), ("kept0", range(1, L)), ("only0", [0])):
             scored = R.token_match(loaded, R.Replacement("clt", clt, layers=layers), samples, generate=False)
             row[which] = {"kl": scored.kl, "answer_agreement": scored.top1_answer}

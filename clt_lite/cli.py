@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import plan
     from .choices import Convention, names
     from .clt import ACTIVATIONS, CLTConfig
+    from .models import TOY_NAME
     from .sites import INPUT_SITES
     from .store import CaptureConfig
     from .train import TrainConfig
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"recipe (parameter dtype + optimizer): {', '.join(RECIPES)}")
 
     pl = command("plan", "parameters, memory, FLOPs and speed bounds of a CLT config", _cmd_plan)
-    pl.add_argument("--model", required=True, help="preset (llava-1.5-7b, tiny-llava-shapes) or a model folder")
+    pl.add_argument("--model", required=True, help=f"preset ({', '.join(plan.MODEL_PRESETS)}) or a model folder")
     clt_options(pl)
     pl.add_argument("--device-preset", choices=list(plan.DEVICE_PRESETS), help="bound speed and memory on this device")
     pl.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (each holds a full replica)")
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--stream", action="store_true", help="count the streamed model (bf16) and its buffers on each GPU")
 
     ca = command("capture", "capture resid_mid and mlp_out of every layer to a sharded store", _cmd_capture)
-    ca.add_argument("--model", default="tiny-llava-shapes")
+    ca.add_argument("--model", default=TOY_NAME)
     ca.add_argument("--data", required=True, help="shapes:N or jsonl:PATH")
     ca.add_argument("--tokens", type=int, help="stop after this many tokens")
     ca.add_argument("--out", required=True, type=Path)
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="under torchrun: ddp replicates the CLT, fsdp shards it (FSDP2; adam recipes; see `plan --gpus`)")
 
     ev = command("evaluate", "token match of the CLT replacement model against baselines", _cmd_evaluate)
-    ev.add_argument("--model", default="tiny-llava-shapes")
+    ev.add_argument("--model", default=TOY_NAME)
     ev.add_argument("--clt", required=True, type=Path, help="folder written by train")
     ev.add_argument("--plt", type=Path, help="a per-layer transcoder to compare (train with --cross-layer 1)")
     ev.add_argument("--data", default="shapes:200", help="shapes:N or jsonl:PATH (test split for shapes)")
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--allow-other-model", action="store_true", help="use CLTs trained on another model's weights")
 
     at = command("attribute", "attribution graph of one prompt, or the ShapesWorld ground-truth check", _cmd_attribute)
-    at.add_argument("--model", default="tiny-llava-shapes")
+    at.add_argument("--model", default=TOY_NAME)
     at.add_argument("--clt", required=True, type=Path)
     at.add_argument("--image", type=Path, help="the image; without it the prompt is text only")
     at.add_argument("--prompt", help="question, or a full chat prompt (with <image> when --image is given)")
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy = command("toy", "train or evaluate the shipped toy VLM", _cmd_toy)
     toy.add_argument("action", choices=["train", "eval"])
     toy.add_argument("--out", type=Path, help="train: output folder")
-    toy.add_argument("--model", default="tiny-llava-shapes", help="eval: model folder or name")
+    toy.add_argument("--model", default=TOY_NAME, help="eval: model folder or name")
     toy.add_argument("--steps", type=int, help="train: override the number of steps")
     toy.add_argument("--layers", type=int, help="train: override the number of decoder layers (default 16)")
     toy.add_argument("--grow-from", type=int, help="train: first train this many layers, then deepen to --layers "

@@ -90,7 +90,7 @@ def check_compatible(clt: CrossLayerTranscoder, model) -> None:
 @contextmanager
 def replaced(model, replacement: Replacement, open_loop_inputs: torch.Tensor | None = None,
              errors: torch.Tensor | None = None, fvu: FVUAccumulator | None = None,
-             positions: torch.Tensor | None = None) -> Iterator[None]:
+             positions: torch.Tensor | None = None, train_errors: list[torch.Tensor] | None = None) -> Iterator[None]:
     """Run `model` with its MLP outputs replaced inside the block.
 
     open_loop_inputs: [batch, seq, L, d] input-site activations of the original model (open loop).
@@ -125,8 +125,11 @@ def replaced(model, replacement: Replacement, open_loop_inputs: torch.Tensor | N
         elif replacement.kind == "mean":
             new = replacement.means[layer].to(mlp_out).expand_as(mlp_out)
         else:
-            with torch.no_grad():
+            with torch.set_grad_enabled(train_errors is not None):
                 new = clt_output(layer, resid_mid, mlp_in).to(mlp_out.dtype)
+        if train_errors is not None and layer in chosen:
+            true = mlp_out[positions].detach()
+            train_errors.append((new[positions] - true).pow(2).sum() / (true - true.mean(0)).pow(2).sum().clamp(min=1e-12))
         if fvu is not None and positions is not None and mlp_out.shape[:2] == positions.shape:
             fvu.add(layer, new[positions], mlp_out[positions])
         if errors is not None:

@@ -38,6 +38,25 @@ def closed_loop_figures(result: dict) -> dict[str, str]:
             "tokens4x FVU": f"{runs['skip+tokens4x']['val_fvu_mean']:.4f}", "course FVU": f"{runs['course']['val_fvu_mean']:.4f}"}
 
 
+def finetune_figures(result: dict) -> dict[str, str]:
+    """Closed-loop fine-tuning (bench_closed_loop.py's `closedloop` variant) against the course CLT it starts from,
+    on the 16- and 32-layer toys: KL all / MLP 0 kept / MLP 0 only, agreement, validation FVU before and after."""
+    figures = {}
+    for depth, runs in result["results"].items():
+        before, after = runs["course"], runs["closedloop"]
+        tuned = after["finetune"]
+        figures[f"{depth} KL"] = (f"{depth} layers: KL with all MLPs replaced {before['all']['kl']:.2f} → {after['all']['kl']:.2f}, "
+                                  f"MLP 0 kept {before['kept0']['kl']:.2f} → {after['kept0']['kl']:.2f}, MLP 0 alone "
+                                  f"{before['only0']['kl']:.3f} → {after['only0']['kl']:.3f}")
+        figures[f"{depth} agreement"] = (f"answer agreement {before['all']['answer_agreement']:.3f} → "
+                                         f"{after['all']['answer_agreement']:.3f}")
+        figures[f"{depth} FVU"] = (f"validation FVU {before['val_fvu_mean']:.4f} → {tuned['val_fvu_mean_after']:.4f} "
+                                   f"(layer 0 {before['val_fvu_layer0']:.4f} → {tuned['val_fvu_layer0_after']:.4f})")
+        figures[f"{depth} time"] = f"{tuned['config']['steps']} steps in {after['train_seconds']:.0f} s"
+        figures[f"{depth} step 50"] = f"{tuned['kl_every_25_steps'][2]:.2f} at {depth} layers"
+    return figures
+
+
 def effects_figures(result: dict) -> dict[str, str]:
     """Graph / random ratios at k = 16 and 4, median changes and answer leads, per family in the README's order."""
     runs = [result["results"][family] for family in ("colour", "shape", "count", "exists", "describe")]
@@ -51,6 +70,7 @@ def effects_figures(result: dict) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name, figures", [("train-cpu.json", trainer_figures), ("closed-loop-cpu.json", closed_loop_figures),
+                                           ("closed-loop-finetune-cpu.json", finetune_figures),
                                            ("effects-cpu.json", effects_figures)])
 def test_readme_states_the_committed_benchmark_results(name, figures):
     readme = " ".join((ROOT / "README.md").read_text().split())

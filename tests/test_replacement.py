@@ -135,3 +135,21 @@ def test_mlp0_sentence_says_most_or_part_and_whether_the_error_is_amplified():
     part = R.mlp0_sentence(0.70, 0.43, 0.08)
     assert "takes away part of the divergence (39%" in part and "amplified" in part
     assert "not amplified here" in R.mlp0_sentence(0.5, 0.45, 0.1)
+
+
+def test_closed_loop_fine_tuning_lowers_the_closed_loop_kl_and_touches_only_the_clt(tiny, trained, samples):
+    from clt_lite import closed_loop
+
+    clt = CrossLayerTranscoder(trained.config)
+    clt.load_state_dict(trained.state_dict())
+    model_before = [p.clone() for p in tiny.model.parameters()]
+    before = R.token_match(tiny, R.Replacement("clt", clt), samples, generate=False).kl
+    config = closed_loop.ClosedLoopConfig(steps=30, batch_size=8, lr=1e-3)
+    history = closed_loop.finetune(tiny, clt, data.shapes_world(64, "train"), config, progress=False)
+    after = R.token_match(tiny, R.Replacement("clt", clt), samples, generate=False).kl
+    assert len(history) == 30 and after < 0.8 * before, (before, after)
+    assert all(torch.equal(a, b) for a, b in zip(model_before, tiny.model.parameters()))
+    assert all(p.requires_grad for p in tiny.model.parameters())  # given back as it was
+    assert not torch.equal(clt.W_enc[0], trained.W_enc[0])  # layer 0 learns from the errors it causes downstream
+    with pytest.raises(ValueError, match="needs training prompts"):
+        closed_loop.finetune(tiny, clt, [], config, progress=False)
