@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import data
 from .clt import CrossLayerTranscoder
 from .progress import progress_bar
-from .replacement import Replacement, replaced
+from .replacement import Replacement, replaced, text_targets
 
 
 @dataclass
@@ -46,8 +46,7 @@ class ClosedLoopStep(NamedTuple):
 
 def text_kl(original: torch.Tensor, patched: torch.Tensor, batch: data.EncodedBatch, image_token_id: int) -> torch.Tensor:
     """Mean KL(original || patched) of the next-token distributions over real text targets (notebook 04's KL)."""
-    targets = batch.input_ids[:, 1:]
-    text = (batch.attention_mask[:, 1:].bool() & (targets != image_token_id)).to(original.device)
+    text = text_targets(batch, image_token_id).to(original.device)
     log_p, log_q = F.log_softmax(original[:, :-1].float(), -1), F.log_softmax(patched[:, :-1].float(), -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)[text].mean()
 

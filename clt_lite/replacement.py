@@ -232,11 +232,17 @@ def token_match(loaded, replacement: Replacement, samples: list[data.Sample], ba
     )
 
 
+def text_targets(batch: data.EncodedBatch, image_token_id: int) -> torch.Tensor:
+    """[batch, seq - 1] bool: next-token targets that are real text (not padding, not image patches), where KL and
+    top-1 agreement are averaged (token match here, the fine-tuning loss in clt_lite.closed_loop)."""
+    targets = batch.input_ids[:, 1:]
+    return batch.attention_mask[:, 1:].bool() & (targets != image_token_id)
+
+
 def _score_batch(sums, hits, chunk, batch, original, patched, image_token_id) -> None:
     """Teacher-forced metrics: the logits at position t predict token t+1."""
     targets = batch.input_ids[:, 1:]
-    real_target = batch.attention_mask[:, 1:].bool()
-    text = real_target & (targets != image_token_id)
+    text = text_targets(batch, image_token_id)
     answer = batch.answer_mask[:, 1:]
     log_p, log_q = F.log_softmax(original[:, :-1], -1), F.log_softmax(patched[:, :-1], -1)
     agree = log_p.argmax(-1) == log_q.argmax(-1)
