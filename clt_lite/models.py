@@ -12,7 +12,7 @@ from .data import WorldConfig, check_image_tokens, sample_prompt
 from .devices import resolve_device, resolve_dtype  # also models.resolve_* for notebooks (00 uses them)
 from .toy import SHIPPED, build_processor
 
-TOY_NAME = "tiny-llava-shapes"
+TOY_NAME = "tiny-llava-shapes-32"  # the course default: LLaVA-1.5-7B's 32 decoder layers
 RANDOM_PRESETS = ("llava-1.5-7b", "tiny")
 
 

@@ -5,7 +5,9 @@ Runs in the course's venv; circuit-tracer needs transformers <= 4.57 and nnsight
 its own (`--ct-python`, built by `make interop`) as a separate process that reads only files:
 
 1. Here: the toy's language model written as a LlamaForCausalLM folder (`circuit_tracer.export_language_model`); the
-   course's CLT recipe (configs/cpu.yaml: full depth, n = 8 x d, notebook 02's store) trained with a JumpReLU,
+   course's CLT recipe on the 16-layer toy (configs/cpu16.yaml: full depth, n = 8 x d, notebook 02's store; a
+   JumpReLU decodes every latent densely, so at 32 layers its training alone takes about 10 minutes on 2 cores, and
+   the files circuit-tracer reads are laid out the same way at any depth) trained with a JumpReLU,
    the activation circuit-tracer runs (a TopK CLT is refused by the export in one line; `--topk` shows it), exported
    with `circuit_tracer.export`; reconstructions and the attribution graph of a text-only prompt.
 2. There (interop/circuit_tracer_side.py, both backends, TransformerLens and nnsight): the same model and CLT
@@ -25,12 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from clt_lite import attribution, circuit_tracer, course, data, models, sites
 from clt_lite.clt import CrossLayerTranscoder
 from clt_lite.files import write_json
+from clt_lite.notebooks import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "what color is the circle?"  # LLaVA's text-only chat form: "USER: ... ASSISTANT:"
@@ -107,15 +109,15 @@ def compare(ours: dict, theirs: Path, backend: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ct-python", required=True, help="python of the venv with circuit-tracer 0.5.0")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "cpu.yaml", help="the course config")
-    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "cpu", help="the course's cache")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "cpu16.yaml", help="a course config")
+    parser.add_argument("--run-dir", type=Path, default=None, help="that course's cache (default: runs/<config name>)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "interop")
     parser.add_argument("--save", type=Path, help="also write the JSON line here (maintainers: benchmarks/results/)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    config = yaml.safe_load(args.config.read_text())
+    config = load_config(args.config)
     loaded = models.load(config["model"], device="cpu", dtype="float32")
-    clt, trained = course_jumprelu_clt(loaded, config, args.run_dir)
+    clt, trained = course_jumprelu_clt(loaded, config, args.run_dir or ROOT / "runs" / args.config.stem)
     topk_refused = ""
     try:
         circuit_tracer.export(replace_activation(clt, "topk"), args.out / "topk-clt")

@@ -190,8 +190,13 @@ def test_notebooks_name_the_installed_kernel_so_opening_one_does_not_modify_it(p
 
 
 def test_a_config_extends_another_and_a_cycle_is_refused(tmp_path):
-    full_depth = notebooks.load_config(ROOT / "configs" / "cpu32.yaml")
-    assert full_depth == {**notebooks.load_config(ROOT / "configs" / "cpu.yaml"), "model": "tiny-llava-shapes-32"}
+    sixteen = notebooks.load_config(ROOT / "configs" / "cpu16.yaml")
+    course = notebooks.load_config(ROOT / "configs" / "cpu.yaml")
+    assert sixteen["model"] == "tiny-llava-shapes" and course["model"] == "tiny-llava-shapes-32"
+    assert {key: value for key, value in sixteen.items() if course[key] != value} == {
+        "model": "tiny-llava-shapes", "expansion_factor": 8, "train_tokens": 262144, "eval_samples": 200, "closed_loop_steps": 50,
+        "max_feature_nodes": 4096, "ground_truth_max_features": 1024, "ground_truth_prompts": 60,
+        "hard_prompts": 30, "flip_prompts": 12, "route_prompts": 8}
     (tmp_path / "a.yaml").write_text("extends: b.yaml\nk: 1\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ValueError, match="extends itself"):

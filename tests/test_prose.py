@@ -139,8 +139,8 @@ def test_the_readme_causes_bullet_follows_notebook_05():
     notebook = json.loads((root / "notebooks" / "05_attribution_graphs.ipynb").read_text())
     printed = {c.get("id"): "".join("".join(o.get("text", "")) for o in c.get("outputs", [])) for c in notebook["cells"]}
     rates = dict(re.findall(r"(\w+) swaps that give the chosen answer: ([\d.]+) of", printed["swap-rate"] + printed["swap-shape"]))
-    route = r"(\w+)\s+through (?:head \d+ of layer \d+(?: \+ )?)+: ([\d.]+).*?last layer: ([\d.]+)"
+    route = r"(\w+)\s+through (?:head \d+ of layer \d+(?: \+ )?)+: (-?[\d.]+).*?last layer: (-?[\d.]+)"
     routes = {family: (head, last) for family, head, last in re.findall(route, printed["circuit-check"])}
     assert f"gives the chosen answer on {rates['colour']} of 50 held-out colour questions and {rates['shape']} of 50" in readme
     assert f"carries {routes['colour'][0]} of the object's contribution to colour answers and {routes['describe'][0]} to" in readme
-    assert f"mostly through the last layer ({routes['shape'][1]})" in readme
+    assert f"of shape answers' object contribution, the last layer carries {routes['shape'][1]}" in readme
