@@ -63,7 +63,8 @@ smoke: setup
 	$(PY) -m clt_lite notebooks --config configs/llava-7b-smoke.yaml --only 01 02 03 04 05
 
 # The 16-layer course's CLT (JumpReLU) and that toy's language model opened in circuit-tracer 0.5.0 on both backends: logits,
-# reconstructions, graphs and scores must agree (interop/check.py, one JSON line, ~2 min plus the first set-up).
+# reconstructions, graphs and scores must agree (interop/check.py, one JSON line, ~9 min here, most of it training the
+# JumpReLU CLT, plus the first set-up).
 # circuit-tracer pins transformers <= 4.57 and nnsight 0.6.1, so it gets a venv of its own.
 INTEROP_VENV := .venv-interop
 INTEROP_STAMP := $(INTEROP_VENV)/.setup-stamp
