@@ -2,7 +2,7 @@
 again and again, of `train`, `capture` and the toy's training loses at most the work since the last checkpoint or
 shard, and each resumed run ends bit-identical (CPU) to an uninterrupted one. Child processes, as a user runs them.
 
-About three minutes, so outside `make test`: `make test-interrupts` (CI runs it).
+About six minutes, so outside `make test`: `make test-interrupts` (CI runs it).
 """
 
 from __future__ import annotations
