@@ -65,9 +65,9 @@ SMOKE_ONLY ?= 01 02 03 04 05
 smoke: setup
 	$(PY) -m clt_lite notebooks --config configs/llava-7b-smoke.yaml --only $(SMOKE_ONLY)
 
-# The 16-layer course's CLT (JumpReLU) and that toy's language model opened in circuit-tracer 0.5.0 on both backends: logits,
-# reconstructions, graphs and scores must agree (interop/check.py, one JSON line, ~9 min here, most of it training the
-# JumpReLU CLT, plus the first set-up).
+# The 16-layer course's CLT recipe (JumpReLU, a quarter of its tokens: interop/cpu16-jumprelu.yaml) and that toy's language
+# model opened in circuit-tracer 0.5.0 on both backends: logits, reconstructions, graphs and scores must agree
+# (interop/check.py, one JSON line; ~3.5 min here, ~9 min on a fresh clone with the venv's set-up).
 # circuit-tracer pins transformers <= 4.57 and nnsight 0.6.1, so it gets a venv of its own.
 INTEROP_VENV := .venv-interop
 INTEROP_STAMP := $(INTEROP_VENV)/.setup-stamp
