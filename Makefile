@@ -59,7 +59,7 @@ test-ui: setup
 	$(PY) tests/ui_lab.py $(UI_ONLY)
 
 # LLaVA-1.5-7B's real widths in bfloat16 (2 layers, random weights) through notebooks 01-05 on the CPU (~30 min:
-# 01-03 ~7, 04 ~6, 05 11-16; one attribution graph over 576 image tokens at width 4096 takes over a minute here).
+# 01-03 ~7, 04 ~6, 05 11-16; one attribution graph over 576 image tokens at width 4096 takes 30-80 s here).
 # SMOKE_ONLY="01 02 03" runs a subset (CI's: hooks, capture and training at real width).
 SMOKE_ONLY ?= 01 02 03 04 05
 smoke: setup
